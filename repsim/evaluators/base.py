@@ -1,0 +1,96 @@
+"""What an evaluator declares, what it is given, and what it returns.
+
+An evaluator runs after the data pass, on features the run cached to disk (or on the similarity
+results, or on checkpoints). It never reaches back into the orchestrator: everything it may read
+comes through :class:`EvalContext`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+    from repsim.metrics.engine import SimilarityResult
+
+
+@dataclass(frozen=True)
+class FeatureNeeds:
+    """Which cached features an evaluator reads.
+
+    ``splits``: dataset splits to extract (``"eval"`` is the recipe's split; others by name, e.g.
+    ``"train"``). ``reductions``: token reductions to cache for every selected layer (None: the
+    model's own). ``output``: the models' return values (class scores) too.
+    """
+
+    splits: tuple[str, ...] = ("eval",)
+    reductions: tuple[str, ...] | None = None
+    output: bool = False
+
+
+class EvalContext(Protocol):
+    """Read-only view of a finished data pass."""
+
+    models: list[str]  # labels of the recipe's models, in recipe order
+    seed: int
+
+    def layers(self, model: str) -> list[str]:
+        """Selected layers of a model, in network order."""
+
+    def groups(self, model: str) -> dict[str, list[str]]:
+        """Layer groups of a model (recipe ``[layers]`` names → layers)."""
+
+    def features(self, model: str, layer: str, split: str = "eval",
+                 reduction: str | None = None) -> torch.Tensor:
+        """Cached ``[N, D]`` features of one layer (float32)."""
+
+    def labels(self, split: str = "eval") -> torch.Tensor:
+        """``[N]`` integer labels of a split, in extraction order."""
+
+    def output(self, model: str, split: str = "eval") -> torch.Tensor:
+        """``[N, C]`` model outputs (requires ``FeatureNeeds(output=True)``)."""
+
+    def similarity(self, metric: str, model_a: str, model_b: str) -> SimilarityResult:
+        """A similarity result computed in this run."""
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        """Registry name, parameters, family, provenance of a model."""
+
+    def classes(self) -> list[str]: ...
+
+
+@dataclass
+class EvalResult:
+    """Tables, tensors, JSON data and figures of one evaluator; the run writes them atomically."""
+
+    protocol: dict[str, Any]
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Callable[[], Figure]] = field(default_factory=dict)
+
+
+class Evaluator(ABC):
+    """An analysis of what representations do for transfer (k-NN, probes, agreement, ...)."""
+
+    needs: FeatureNeeds = FeatureNeeds()
+    after_metrics: bool = False  # True if it reads similarity results
+
+    def __init__(self, params: BaseModel | None = None, name: str | None = None) -> None:
+        self.params = params
+        self.name = name or type(self).__name__.lower()
+
+    @abstractmethod
+    def evaluate(self, ctx: EvalContext) -> EvalResult: ...
+
+
+def output_dir_of(run_dir: Path, evaluator: str) -> Path:
+    return Path(run_dir) / "evaluators" / evaluator
