@@ -46,10 +46,12 @@ def similarity(
     :class:`~repsim.metrics.engine.SimilarityResult` with ``.values`` (float64
     ``[len(feats_a), len(feats_b)]``), ``.rows``, ``.cols`` and ``.metric``.
     """
-    from repsim.metrics.engine import similarity_matrix
+    from repsim.metrics.engine import similarity_matrix, warn_notes
 
-    return similarity_matrix(get_metric(metric, **params), feats_a, feats_b, batch_size,
-                             keep_batches)
+    result = similarity_matrix(get_metric(metric, **params), feats_a, feats_b, batch_size,
+                               keep_batches)
+    warn_notes(result.notes)
+    return result
 
 
 def build_model(name: str, **params: Any) -> LoadedModel:
@@ -104,7 +106,7 @@ def compare(
     the reduced features are gathered in memory.
     """
     from repsim.layers import LayerTap, reduce_output
-    from repsim.metrics.engine import SimilarityResult, undefined_notes
+    from repsim.metrics.engine import warn_notes
     from repsim.metrics.accumulate import SimilarityAccumulator
 
     a = _as_loaded(model_a, "model_a", num_prefix_tokens)
@@ -122,5 +124,5 @@ def compare(
                   for k, v in tap_b.run(x).items()}
             acc.update({"a": fa, "b": fb})
     result = acc.result("a", "b")
-    return SimilarityResult(result.values, la, lb, m.name, result.description,
-                            undefined_notes(result.values, la, lb, result.terms), result.terms)
+    warn_notes(result.notes)
+    return result

@@ -179,9 +179,15 @@ def undefined_notes(values: torch.Tensor, rows: Sequence[str], cols: Sequence[st
         listing = ", ".join(f"({rows[i]}, {cols[j]})" for i, j in pairs)
         notes.append(f"undefined (NaN) values for {listing}: a layer's features are constant or "
                      "degenerate for this metric.")
-    for note in notes:
-        warnings.warn(note, stacklevel=3)
     return notes
+
+
+def warn_notes(notes: Sequence[str]) -> None:
+    """Surface undefined values to Python callers (the CLI prints notes itself)."""
+    from repsim.errors import MetricUndefinedWarning
+
+    for note in notes:
+        warnings.warn(note, MetricUndefinedWarning, stacklevel=3)
 
 
 def similarity_matrix(

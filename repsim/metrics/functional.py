@@ -11,9 +11,11 @@ if TYPE_CHECKING:
 
 
 def _pair(metric, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
-    from repsim.metrics.engine import similarity_matrix
+    from repsim.metrics.engine import similarity_matrix, warn_notes
 
-    return float(similarity_matrix(metric, {"x": x}, {"y": y}, batch_size).values[0, 0])
+    result = similarity_matrix(metric, {"x": x}, {"y": y}, batch_size)
+    warn_notes(result.notes)
+    return float(result.values[0, 0])
 
 
 def minibatch_cka(x: torch.Tensor, y: torch.Tensor, batch_size: int = 32) -> float:

@@ -1,0 +1,271 @@
+"""Recipes: TOML files validated with pydantic, resolved against the registries.
+
+A recipe names the data, the models (with their parameters), the layer groups, the token
+reduction, the metrics and the evaluators. ``load_recipe`` checks the file's syntax and shape;
+``check_recipe`` resolves every name and validates every part's parameters without loading any
+weights, so a typo fails in a second, not after an hour of extraction.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from repsim.errors import RecipeError
+
+Reduction = Literal["cls", "gap", "gap_no_cls", "flatten"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Strict):
+    """How the data pass runs."""
+
+    name: str = "run"
+    seed: int = 0
+    batch_size: int = Field(32, ge=1, description="minibatch size (also the CKA minibatch)")
+    examples: int | None = Field(None, ge=1, description="examples drawn from the split; all if unset")
+    output: Path = Field(Path("runs/run"), description="run directory")
+    reduce: Reduction = "cls"
+    pairs: Literal["all", "cross"] | list[tuple[str, str]] = Field(
+        "all", description="'all': every model pair incl. a model with itself; 'cross': distinct"
+    )
+    bootstrap: int = Field(0, ge=0, description="bootstrap resamples for CKA intervals (0: none)")
+    num_workers: int = Field(0, ge=0, description="data-loading worker processes")
+    checkpoint_every: int = Field(20, ge=1, description="batches between resumable state saves")
+
+
+class DataSection(_Strict):
+    dataset: str
+    split: str = "val"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LayerGroup(BaseModel):
+    """A selector and its parameters; a string or list of strings in TOML means glob patterns."""
+
+    model_config = ConfigDict(extra="allow")
+    selector: str = "glob"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _layer_group(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"selector": "glob", "patterns": [value]}
+    if isinstance(value, list):
+        return {"selector": "glob", "patterns": value}
+    return value
+
+
+class ModelSection(_Strict):
+    model: str = Field(description="registry name, see `repsim list models`")
+    params: dict[str, Any] = Field(default_factory=dict)
+    reduce: Reduction | None = None
+    layers: dict[str, LayerGroup] = Field(default_factory=dict, description="per-model overrides")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _groups(cls, value: Any) -> Any:
+        return {k: _layer_group(v) for k, v in (value or {}).items()}
+
+
+class PartSection(_Strict):
+    name: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class Recipe(_Strict):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection
+    models: dict[str, ModelSection] = Field(min_length=1)
+    layers: dict[str, LayerGroup] = Field(min_length=1)
+    metrics: list[PartSection] = Field(default_factory=list)
+    evaluators: list[PartSection] = Field(default_factory=list)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _groups(cls, value: Any) -> Any:
+        return {k: _layer_group(v) for k, v in (value or {}).items()}
+
+    def model_pairs(self) -> list[tuple[str, str]]:
+        names = list(self.models)
+        if isinstance(self.run.pairs, list):
+            return [tuple(p) for p in self.run.pairs]  # type: ignore[misc]
+        same = self.run.pairs == "all"
+        return [(a, b) for i, a in enumerate(names) for b in names[i if same else i + 1:]]
+
+    def groups_of(self, model: str) -> dict[str, LayerGroup]:
+        return {**self.layers, **self.models[model].layers}
+
+    def reduce_of(self, model: str) -> str:
+        return self.models[model].reduce or self.run.reduce
+
+
+def _toml_error(path: Path, exc: tomllib.TOMLDecodeError) -> RecipeError:
+    msg = str(exc)
+    m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+    where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
+    text = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+    return RecipeError(f"{where}: malformed TOML: {text}. Fix the syntax at that line.")
+
+
+def _validation_error(path: Path, exc: ValidationError) -> RecipeError:
+    lines = [f"{path}: the recipe does not validate:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown field (remove it or check its spelling)")
+        elif err["type"] == "missing":
+            lines.append(f"  {loc}: required field is missing")
+        else:
+            lines.append(f"  {loc}: {err['msg']}")
+    lines.append("See recipes/mini.toml for a complete example.")
+    return RecipeError("\n".join(lines))
+
+
+def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(path, exc) from None
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(path, exc) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (or the name of an embedded recipe such as ``mini``)."""
+    path = resolve_recipe_path(path)
+    return parse_recipe(path.read_text(encoding="utf-8"), path)
+
+
+def embedded_recipes() -> dict[str, Path]:
+    folder = Path(__file__).parent / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    embedded = embedded_recipes()
+    if str(path) in embedded:
+        return embedded[str(path)]
+    if p.exists():
+        raise RecipeError(f"recipe '{p}' is not a file.")
+    raise RecipeError(
+        f"recipe file '{p}' does not exist. Give a path to a .toml file or the name of an embedded "
+        f"recipe ({', '.join(embedded) or 'none'})."
+    )
+
+
+def _missing_paths(value: Any, where: str) -> list[str]:
+    """Parameters typed as paths that point nowhere (checked before any weights load)."""
+    if isinstance(value, Path):
+        return [] if value.exists() else [f"{where}: '{value}' does not exist"]
+    if isinstance(value, BaseModel):
+        return [m for k in type(value).model_fields
+                for m in _missing_paths(getattr(value, k), f"{where}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [m for i, v in enumerate(value) for m in _missing_paths(v, f"{where}[{i}]")]
+    return []
+
+
+class CheckedRecipe:
+    """A recipe whose parts are resolved and whose parameters are validated."""
+
+    def __init__(self, recipe: Recipe, path: Path) -> None:
+        from repsim.plugins import registry
+
+        self.recipe, self.path = recipe, path
+        problems: list[str] = []
+
+        def resolve(kind: str, name: str, params: dict[str, Any], where: str) -> Any:
+            reg = registry(kind)
+            if name not in reg:
+                problems.append(f"{where}: {reg.unknown_message(name)}")
+                return None
+            part = reg.get(name)
+            try:
+                validated = part.validate(params, where=where)
+            except RecipeError as exc:
+                problems.append(str(exc))
+                return None
+            problems.extend(_missing_paths(validated, where + ".params"))
+            return part, validated
+
+        d = recipe.data
+        dparams = dict(d.params)
+        reg = registry("dataset")
+        if d.dataset in reg and "split" in reg.get(d.dataset).params.model_fields:
+            dparams.setdefault("split", d.split)
+        self.dataset = resolve("dataset", d.dataset, dparams, "data")
+        self.models = {label: resolve("model", m.model, m.params, f"models.{label}")
+                       for label, m in recipe.models.items()}
+        self.selectors: dict[str, dict[str, Any]] = {}
+        for label in recipe.models:
+            self.selectors[label] = {}
+            for group, spec in recipe.groups_of(label).items():
+                where = (f"models.{label}.layers.{group}" if group in recipe.models[label].layers
+                         else f"layers.{group}")
+                self.selectors[label][group] = resolve("layer_selector", spec.selector,
+                                                       spec.params, where)
+        self.metrics = {}
+        for i, m in enumerate(recipe.metrics):
+            self.metrics[m.key] = resolve("metric", m.name, m.params, f"metrics[{i}] ({m.name})")
+        self.evaluators = {}
+        for i, e in enumerate(recipe.evaluators):
+            self.evaluators[e.key] = resolve("evaluator", e.name, e.params,
+                                             f"evaluators[{i}] ({e.name})")
+        for kind, keys in (("metric", [m.key for m in recipe.metrics]),
+                           ("evaluator", [e.key for e in recipe.evaluators])):
+            dup = {k for k in keys if keys.count(k) > 1}
+            if dup:
+                problems.append(f"{kind}s: {sorted(dup)} appear twice; give each a distinct `label`.")
+        if not recipe.metrics and not recipe.evaluators:
+            problems.append("the recipe has no [[metrics]] and no [[evaluators]]: nothing to do.")
+        for a, b in recipe.model_pairs():
+            for m in (a, b):
+                if m not in recipe.models:
+                    problems.append(f"run.pairs: model '{m}' is not in [models] "
+                                    f"({', '.join(recipe.models)}).")
+        if not problems:
+            problems.extend(self._check_metrics())
+        if problems:
+            raise RecipeError(f"{path}: {len(problems)} problem(s):\n" +
+                              "\n".join(f"- {p}" for p in problems))
+
+    def _check_metrics(self) -> list[str]:
+        out = []
+        bs = self.recipe.run.batch_size
+        for key, (part, params) in self.metrics.items():
+            metric = part.build(params)
+            need = getattr(metric, "min_batch_size", 1)
+            if metric.properties.streaming and bs < need:
+                out.append(
+                    f"run.batch_size = {bs} is below the {need} examples per minibatch that metric "
+                    f"'{key}' needs (HSIC_1 divides by n(n-3)). Set run.batch_size >= {need}; the "
+                    "seeds use 32."
+                )
+        return out
+
+
+def check_recipe(path: str | Path) -> CheckedRecipe:
+    """Load a recipe and resolve all its parts; raises RecipeError listing every problem."""
+    p = resolve_recipe_path(path)
+    return CheckedRecipe(load_recipe(p), p)

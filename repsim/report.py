@@ -1,0 +1,75 @@
+"""Tables (tabulate) and figures (matplotlib) of similarity results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+    from repsim.metrics.engine import SimilarityResult
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Drop the prefix all names share (``blocks.0.norm1`` … → ``0.norm1`` …) for compact axes."""
+    if len(names) < 2:
+        return list(names)
+    split = [n.split(".") for n in names]
+    common = 0
+    while all(len(s) > common + 1 for s in split) and len({s[common] for s in split}) == 1:
+        common += 1
+    return [".".join(s[common:]) for s in split]
+
+
+def format_value(v: float) -> str:
+    return "undefined" if v != v else f"{v:.3f}"
+
+
+def matrix_table(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str],
+                 fmt: str = "github") -> str:
+    from tabulate import tabulate
+
+    body = [[r, *(format_value(v) for v in row)] for r, row in zip(rows, values.tolist())]
+    return tabulate(body, headers=["", *short_names(cols)], tablefmt=fmt, disable_numparse=True)
+
+
+def records_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "github") -> str:
+    from tabulate import tabulate
+
+    def cell(v: Any) -> Any:
+        return format_value(v) if isinstance(v, float) else v
+
+    return tabulate([[cell(v) for v in r] for r in rows], headers=list(headers), tablefmt=fmt,
+                    disable_numparse=True)
+
+
+def result_table(result: SimilarityResult, fmt: str = "github") -> str:
+    return matrix_table(result.values, result.rows, result.cols, fmt)
+
+
+def heatmap(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str], title: str,
+            xlabel: str, ylabel: str, vrange: tuple[float, float] = (0.0, 1.0)) -> Figure:
+    """A layer × layer heatmap, first layer at the bottom-left as in the seeds' figures."""
+    from matplotlib.figure import Figure
+
+    import matplotlib
+
+    v = values.double().numpy()
+    cmap = matplotlib.colormaps["magma"].copy()
+    cmap.set_bad("#bbbbbb")  # undefined values (constant features) in grey, not blank
+    size = (max(3.5, 0.35 * len(cols) + 2), max(3.0, 0.35 * len(rows) + 1.5))
+    fig = Figure(figsize=size)
+    ax = fig.add_subplot()
+    im = ax.imshow(v, origin="lower", cmap=cmap, vmin=vrange[0], vmax=vrange[1],
+                   aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(cols)), short_names(cols), rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), short_names(rows), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if bool(values.isnan().any()):
+        title += "\n(grey: undefined, constant features)"
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return fig
