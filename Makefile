@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch and torchvision must come as a matching pair; this pair installs from this machine's disk.
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
-PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# Product plugins installed with the core; repsim-plugin-example is a template its own test installs.
+PLUGINS := $(filter-out plugins/repsim-plugin-example/%,$(wildcard plugins/*/pyproject.toml))
 
 .PHONY: install run test bench clean
 

@@ -137,11 +137,18 @@ class IndexSelector(LayerSelector):
 
 def no_match_message(model: LoadedModel, pattern: str, names: Sequence[str]) -> str:
     top = sorted({n.split(".")[0] for n in names})
-    sample = [n for n in names if n.count(".") <= 2][:12]
+    base = pattern.removesuffix(INPUT_SUFFIX)
+    parent = base.rsplit(".", 1)[0] if "." in base else ""
+    hint = ""
+    if parent:
+        rx = GlobSelector._regex(parent + ".*")
+        near = sorted({n.rsplit(".", 1)[1] for n in names if rx.match(n)}, key=natural_key)
+        if near:
+            hint = f" Under '{parent}' there are: {', '.join(near[:20])}."
     return (
-        f"layer pattern '{pattern}' matches nothing in model '{model.name}'. Top-level modules: "
-        f"{', '.join(top)}; for example: {', '.join(sample)}. `repsim layers MODEL` lists every "
-        "layer; '*' matches within one dotted segment, '**' across segments."
+        f"layer pattern '{pattern}' matches nothing in model '{model.name}'.{hint} Top-level "
+        f"modules: {', '.join(top)}. `repsim layers MODEL` lists every layer; '*' matches within "
+        "one dotted segment, '**' across segments."
     )
 
 

@@ -57,8 +57,8 @@ def heatmap(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str], titl
     import matplotlib
 
     v = values.double().numpy()
-    cmap = matplotlib.colormaps["magma"].copy()
-    cmap.set_bad("#bbbbbb")  # undefined values (constant features) in grey, not blank
+    # undefined values (constant features) in grey, not blank
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="#bbbbbb")
     size = (max(3.5, 0.35 * len(cols) + 2), max(3.0, 0.35 * len(rows) + 1.5))
     fig = Figure(figsize=size)
     ax = fig.add_subplot()

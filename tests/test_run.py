@@ -1,0 +1,124 @@
+"""The orchestrator: run directory contents, values equal an independent extraction, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import repsim
+from repsim import store
+from repsim.cli import cli
+from repsim.errors import RecipeError
+from repsim.plugins import registry
+from repsim.recipe import check_recipe
+from repsim.run import Run
+
+
+def independent_features(recipe_path: Path, label: str) -> dict[str, torch.Tensor]:
+    """Rebuild the run's inputs by hand and take CLS tokens from timm's forward_intermediates."""
+    checked = check_recipe(recipe_path)
+    r = checked.recipe
+    ds = registry("dataset").get(r.data.dataset).create({**r.data.params, "split": r.data.split})
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(r.run.seed))
+    order = order[: r.run.examples].tolist()
+    model = repsim.build_model(r.models[label].model, **r.models[label].params)
+    x = torch.stack([model.preprocess(ds[i][0]) for i in order])
+    with torch.inference_mode():
+        outs = model.module.forward_intermediates(x, norm=False, intermediates_only=True,
+                                                  return_prefix_tokens=True)
+    return {f"blocks.{i}": o[1][:, 0] for i, o in enumerate(outs)}
+
+
+def test_run_writes_results_equal_to_an_independent_computation(runner, write_recipe,
+                                                                  tmp_path: Path) -> None:
+    path = write_recipe(metrics='name = "minibatch_cka"\n\n[[metrics]]\nname = "linear_cka"')
+    result = runner.invoke(cli, ["run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for f in ("recipe.toml", "resolved.json", "provenance.json", "summary.md",
+              "similarity/minibatch_cka/a__b.safetensors", "similarity/minibatch_cka/a__b.json",
+              "tables/minibatch_cka/a__b__blocks.md", "figures/minibatch_cka/a__b__blocks.png",
+              "figures/linear_cka/a__a__blocks.png"):
+        assert (run / f).is_file(), f
+    fa, fb = independent_features(path, "a"), independent_features(path, "b")
+    for metric in ("minibatch_cka", "linear_cka"):
+        data = json.loads((run / f"similarity/{metric}/a__b.json").read_text())
+        expected = repsim.similarity(fa, fb, metric=metric, batch_size=8)
+        got = torch.tensor(data["values"], dtype=torch.float64)
+        torch.testing.assert_close(got, expected.values, atol=1e-5, rtol=0)
+        assert data["rows"] == expected.rows
+        tensors = load_file(str(run / f"similarity/{metric}/a__b.safetensors"))
+        torch.testing.assert_close(tensors["values"], got)
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["seed"] == 0 and torch.__version__.startswith(prov["versions"]["torch"])
+    assert prov["models"]["a"]["groups"]["blocks"] == ["blocks.0", "blocks.1", "blocks.2"]
+    desc = json.loads((run / "similarity/minibatch_cka/a__b.json").read_text())["description"]
+    assert "HSIC_1" in desc["estimator"] and desc["batch_size"] == 8 and desc["examples"] == 40
+
+
+def test_interrupted_run_resumes_to_the_same_values(write_recipe, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    path = write_recipe(run="checkpoint_every = 1")
+    reference = Run(check_recipe(path), tmp_path / "ref", progress=False, quiet=True).execute()
+
+    from repsim.metrics import accumulate
+
+    original = accumulate.SimilarityAccumulator.update
+    calls = {"n": 0}
+
+    def failing_update(self, feats):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, feats)
+
+    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", failing_update)
+    with pytest.raises(KeyboardInterrupt):
+        Run(check_recipe(path), tmp_path / "resumed", progress=False, quiet=True).execute()
+    progress = store.read_json(tmp_path / "resumed/cache/eval/progress.json")
+    assert progress == {"batches": 2, "done": False}
+    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", original)
+    Run(check_recipe(path), tmp_path / "resumed", progress=False, quiet=True).execute()
+    a = load_file(str(reference / "similarity/minibatch_cka/a__b.safetensors"))
+    b = load_file(str(tmp_path / "resumed/similarity/minibatch_cka/a__b.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-12, rtol=0)
+
+
+def test_run_directory_of_another_recipe_is_not_overwritten(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe()
+    Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    other = write_recipe(run="checkpoint_every = 7\nseed = 3".replace("seed = 3", ""),
+                         name="other.toml")
+    text = other.read_text().replace("seed = 0", "seed = 5")
+    other.write_text(text)
+    with pytest.raises(RecipeError, match="different recipe"):
+        Run(check_recipe(other), tmp_path / "run", progress=False, quiet=True).execute()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path, monkeypatch) -> None:
+    import safetensors.torch
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError):
+        store.write_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_does_not_build_models(runner, write_recipe, monkeypatch) -> None:
+    import timm
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("validate must not build models")
+
+    monkeypatch.setattr(timm, "create_model", no_build)
+    result = runner.invoke(cli, ["validate", str(write_recipe())])
+    assert result.exit_code == 0 and "valid" in result.output
