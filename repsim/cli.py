@@ -193,12 +193,13 @@ def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
 def similarity(feats_a: Path, feats_b: Path, metric: str, batch_size: int,
                out: Path | None) -> None:
     """Compare two safetensors files of features (one tensor per layer, [N, ...] each)."""
-    from repsim.api import similarity as compute
+    from repsim.api import get_metric
+    from repsim.metrics.engine import similarity_matrix
     from repsim.report import result_table
     from repsim.store import write_json
 
     a, b = _read_features(feats_a), _read_features(feats_b)
-    result = compute(a, b, metric=metric, batch_size=batch_size)
+    result = similarity_matrix(get_metric(metric), a, b, batch_size)
     click.echo(result_table(result))
     for note in result.notes:
         click.echo(f"Note: {note}", err=True)

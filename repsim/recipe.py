@@ -31,6 +31,9 @@ class RunSection(_Strict):
     seed: int = 0
     batch_size: int = Field(32, ge=1, description="minibatch size (also the CKA minibatch)")
     examples: int | None = Field(None, ge=1, description="examples drawn from the split; all if unset")
+    train_examples: int | None = Field(
+        None, ge=1, description="examples of other splits evaluators read (k-NN train set); all if unset"
+    )
     output: Path = Field(Path("runs/run"), description="run directory")
     reduce: Reduction = "cls"
     pairs: Literal["all", "cross"] | list[tuple[str, str]] = Field(

@@ -175,7 +175,8 @@ class Run:
         if progress.get("done"):
             self._load_state(state_dir, accumulators)
             return
-        indices = self._indices(dataset, self.recipe.run.examples)
+        limit = self.recipe.run.examples if split == EVAL else self.recipe.run.train_examples
+        indices = self._indices(dataset, limit)
         bs = self.recipe.run.batch_size
         start = int(progress.get("batches", 0))
         if start:
