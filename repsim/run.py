@@ -115,9 +115,14 @@ class Run:
             for group, (sel_part, sel_params) in self.checked.selectors[label].items():
                 selector = sel_part.build(sel_params)
                 try:
-                    groups[group] = selector.select(loaded)
+                    chosen = selector.select(loaded)
                 except RepsimError as exc:
                     raise type(exc)(f"models.{label}, layer group '{group}': {exc}") from None
+                if chosen:  # an empty override (`norm1 = []`) leaves a group out for this model
+                    groups[group] = chosen
+            if not groups:
+                raise RecipeError(f"models.{label}: every layer group is empty for this model; "
+                                  "select at least one layer.")
             plans[label] = ModelPlan(label, part.name, loaded, groups, self.recipe.reduce_of(label))
         return plans
 
