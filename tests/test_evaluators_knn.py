@@ -1,0 +1,90 @@
+"""k-NN (DINO protocol) against an independent float64 implementation and known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from repsim.errors import FeatureError
+from repsim.evaluators.knn import _blocks, knn_accuracy, knn_predict
+
+
+def reference_knn(train_x, train_y, test_x, k, temperature, num_classes):
+    """Straightforward float64 DINO k-NN: full similarity matrix, one-hot weighted votes."""
+    tr = train_x.double() / train_x.double().norm(dim=1, keepdim=True)
+    te = test_x.double() / test_x.double().norm(dim=1, keepdim=True)
+    sim = te @ tr.T
+    top_sim, top_idx = sim.topk(k, dim=1)
+    one_hot = torch.nn.functional.one_hot(train_y[top_idx], num_classes).double()  # [q, k, C]
+    votes = (one_hot * torch.exp(top_sim / temperature)[:, :, None]).sum(1)
+    return votes.argmax(1)
+
+
+def gaussian_classes(n, d, c, sep, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=g) * sep
+    y = torch.randint(0, c, (n,), generator=g)
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+@pytest.mark.parametrize("seed,k,temperature", [(0, 20, 0.07), (1, 5, 0.07), (2, 1, 0.5),
+                                                (3, 50, 0.02)])
+def test_matches_float64_reference(seed, k, temperature):
+    x, y = gaussian_classes(900, 24, 7, sep=0.4, seed=seed)  # overlapping classes: errors occur
+    train_x, train_y, test_x = x[:600], y[:600], x[600:]
+    ours = knn_predict(train_x, train_y, test_x, k, temperature, num_classes=7)
+    ref = reference_knn(train_x, train_y, test_x, k, temperature, 7)
+    assert torch.equal(ours, ref)
+    acc = knn_accuracy(train_x, train_y, test_x, y[600:], k, temperature)
+    assert acc == pytest.approx(float((ref == y[600:]).double().mean()), abs=0)
+    assert 0.2 < acc < 1.0  # the comparison is not trivially all-correct
+
+
+def test_blocked_equals_unblocked():
+    x, y = gaussian_classes(1500, 16, 5, sep=0.5, seed=4)
+    full = knn_predict(x[:1000], y[:1000], x[1000:], 20, 0.07, num_classes=5)
+    # 0.01 MB: 2621 similarities per block, so the training set is cut and top-k lists merged.
+    assert _blocks(500, 1000, 20, 0.01)[1] < 1000
+    blocked = knn_predict(x[:1000], y[:1000], x[1000:], 20, 0.07, num_classes=5, memory_mb=0.01)
+    assert torch.equal(full, blocked)
+
+
+def test_votes_are_weighted_by_exp_similarity():
+    # Two class-0 neighbours at cosine 0.5 lose to one class-1 neighbour at cosine 0.9 with
+    # T = 0.07 (2·e^{0.5/0.07} ≈ 2.5e3 < e^{0.9/0.07} ≈ 3.8e5); a plain majority vote says 0.
+    angle = lambda c: [math.cos(math.acos(c)), math.sin(math.acos(c))]  # noqa: E731
+    train_x = torch.tensor([angle(0.5), [0.5, -math.sqrt(0.75)], angle(0.9)])
+    train_y = torch.tensor([0, 0, 1])
+    test_x = torch.tensor([[1.0, 0.0]])
+    assert knn_predict(train_x, train_y, test_x, k=3, temperature=0.07).tolist() == [1]
+    # A very high temperature makes the weights nearly equal: the majority wins.
+    assert knn_predict(train_x, train_y, test_x, k=3, temperature=1e3).tolist() == [0]
+
+
+def test_separable_data_is_perfect():
+    x, y = gaussian_classes(1200, 32, 10, sep=10.0, seed=5)
+    assert knn_accuracy(x[:1000], y[:1000], x[1000:], y[1000:]) == 1.0
+
+
+def test_random_labels_give_chance():
+    # 5 classes, 4000 queries: chance 0.2 with binomial std sqrt(0.2·0.8/4000) ≈ 0.0063;
+    # tolerance 0.03 is more than 4.5 std.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6000, 16, generator=g)
+    y = torch.randint(0, 5, (6000,), generator=g)
+    assert knn_accuracy(x[:2000], y[:2000], x[2000:], y[2000:]) == pytest.approx(0.2, abs=0.03)
+
+
+def test_scale_invariance_per_example():
+    x, y = gaussian_classes(500, 8, 4, sep=0.5, seed=7)
+    scale = torch.rand(500, 1, generator=torch.Generator().manual_seed(8)) * 10 + 0.1
+    a = knn_predict(x[:400], y[:400], x[400:], num_classes=4)
+    b = knn_predict(x[:400] * scale[:400], y[:400], x[400:] * scale[400:], num_classes=4)
+    assert torch.equal(a, b)
+
+
+def test_too_few_training_examples():
+    with pytest.raises(FeatureError, match="k = 20"):
+        knn_predict(torch.randn(10, 4), torch.zeros(10, dtype=torch.long), torch.randn(3, 4))
