@@ -111,6 +111,18 @@ def test_knn_evaluator(ctx):
     assert any("cnn layer1 cls: skipped" in n for n in out.protocol["notes"])
 
 
+def test_group_restricts_layers_and_the_cache(ctx):
+    part = registry("evaluator").get("knn")
+    ev = part.create({"group": "blocks", "k": 5, "reductions": ["cls"]})
+    assert ev.needs.layers == ("blocks",) and ev.needs.splits == ("train", "eval")
+    out = ev.evaluate(ctx)
+    assert out.data["layers"] == {"vit": ["blocks.0", "blocks.1"]}
+    assert "cnn: skipped, no layer group 'blocks'" in out.protocol["notes"]
+    probe = registry("evaluator").get("linear_probe").create(
+        {"layers": [["blocks.1", "blocks"]], "group": "ignored-for-explicit-layers"})
+    assert probe.needs.layers == ("blocks.1", "blocks")
+
+
 def test_probe_evaluators(ctx):
     grid = dict(models=["vit"], reduction="cls", epochs=[20], warmup_epochs=[2], batch_size=32,
                 base_lrs=[0.1], weight_decays=[0.0, 1e-4], top=2)
@@ -120,6 +132,9 @@ def test_probe_evaluators(ctx):
     assert set(rows) == {"blocks.0", "blocks.1", "blocks.0+blocks.1"}
     assert rows["blocks.0+blocks.1"][3] == 12  # concatenated width
     assert rows["blocks.1"][5] == 1.0 and rows["blocks.0+blocks.1"][5] == 1.0
+    assert out.data["inputs"]["vit"] == ["blocks.0", "blocks.1", "blocks.0+blocks.1"]
+    stats = out.tensors["accuracy/vit"]  # [input, depth, (mean, std)]
+    assert stats.shape == (3, 1, 2) and stats[1, 0, 0].item() == 1.0
     assert out.protocol["grid"]["weight_decay"] == [0.0, 1e-4] and out.protocol["top"] == 2
     mlp = evaluate("mlp_probe", ctx, depths=[0, 1], hidden=8, **grid)
     jsonable(mlp)
@@ -131,8 +146,25 @@ def test_agreement_evaluator(ctx):
     jsonable(out)
     assert out.protocol["reference"] == "symmetric"
     assert {r[2] for r in out.tables["kendall_tau"][1]} == {2, 3}  # 5 capped at 3 classes
+    per_example = out.tensors["tau/vit vs cnn/top2"]
+    assert per_example.shape == (120,)
+    all_row = next(r for r in out.tables["kendall_tau"][1] if r[2] == 2 and r[3] == "all")
+    assert all_row[4] == pytest.approx(per_example.nanmean().item())
     f1_row = out.tables["top1_f1"][1][0]
     assert f1_row[:2] == ["vit", "cnn"] and 0.0 <= f1_row[2] <= 1.0
+
+
+def test_agreement_on_linear_probe_scores(ctx):
+    out = evaluate("prediction_agreement", ctx, models=["vit"], pairs=[("vit", "vit")], ks=[3],
+                   scores="linear_probe", layer="blocks", reduction="cls",
+                   probe={"epochs": [20], "warmup_epochs": [2], "base_lrs": [0.1],
+                          "weight_decays": [0.0]})
+    jsonable(out)
+    assert out.protocol["probes"]["vit"]["layer"] == "blocks.1"
+    f1, agreement, acc_a = out.tables["top1_f1"][1][0][2:5]
+    assert acc_a == 1.0 and f1 == 1.0 and agreement == 1.0
+    with pytest.raises(RecipeError, match="unknown keys"):
+        registry("evaluator").get("prediction_agreement").create({"probe": {"lr": 1}})
 
 
 def test_path_efficiency_evaluator_from_files_and_memory(tmp_path, ctx):

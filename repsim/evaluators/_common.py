@@ -55,13 +55,30 @@ def expand_layer(ctx: EvalContext, model: str, name: str, evaluator: str) -> lis
 
 
 def resolve_layers(ctx: EvalContext, model: str, names: Sequence[str] | None,
-                   evaluator: str) -> list[str]:
-    if names is None:
-        return list(ctx.layers(model))
-    out: list[str] = []
-    for name in names:
-        out.extend(layer for layer in expand_layer(ctx, model, name, evaluator) if layer not in out)
-    return out
+                   evaluator: str, group: str | None = None) -> list[str]:
+    """Explicit layer/group names; else the layers of ``group``; else every selected layer.
+
+    A model without ``group`` gets no layers (the caller notes the skip): a run's selected layers
+    are listed group after group, so falling back to all of them would mix layer types.
+    """
+    if names is not None:
+        out: list[str] = []
+        for name in names:
+            out.extend(la for la in expand_layer(ctx, model, name, evaluator) if la not in out)
+        return out
+    if group is not None:
+        return list(ctx.groups(model).get(group, []))
+    return list(ctx.layers(model))
+
+
+def cached_layers(names: Sequence[str | Sequence[str]] | None, group: str | None
+                  ) -> tuple[str, ...] | None:
+    """``FeatureNeeds.layers`` for explicit names (nested lists flattened), else ``group``;
+    None (every selected layer) when neither is given."""
+    if names is not None:
+        flat = [n for item in names for n in ([item] if isinstance(item, str) else item)]
+        return tuple(dict.fromkeys(flat))
+    return None if group is None else (group,)
 
 
 def json_float(x: float) -> float | None:

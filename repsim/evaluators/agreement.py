@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from repsim.errors import FeatureError
-from repsim.evaluators._common import MISSING, figure, json_float, resolve_pairs, table
+from repsim.evaluators._common import (MISSING, expand_layer, figure, json_float, resolve_pairs,
+                                       table)
 from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
 from repsim.evaluators.params import AgreementParams
 
@@ -105,7 +106,7 @@ def prediction_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor, labels:
                          f1_average: Literal["macro", "micro", "weighted"] = "macro"
                          ) -> dict[str, Any]:
     """Mean Kendall's tau per k and subset (all, both correct, both incorrect by top-1 against
-    ``labels``), the top-1 F1 and agreement rate, and the subset sizes."""
+    ``labels``), the top-1 F1 and agreement rate, the subset sizes, and ``per_example`` taus."""
     import torch
 
     _check_scores(scores_a, scores_b)
@@ -121,8 +122,9 @@ def prediction_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor, labels:
     used = list(dict.fromkeys(min(k, n_cls) for k in ks))
     tau: dict[int, dict[str, float]] = {}
     undefined: dict[int, dict[str, int]] = {}
+    per_example: dict[int, torch.Tensor] = {}
     for k in used:
-        t = kendall_tau_topk(scores_a, scores_b, k, reference)
+        t = per_example[k] = kendall_tau_topk(scores_a, scores_b, k, reference)
         tau[k], undefined[k] = {}, {}
         for name, m in masks.items():
             vals = t[m]
@@ -134,6 +136,7 @@ def prediction_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor, labels:
         "f1": top1_f1(scores_a, scores_b, f1_average),
         "top1_agreement": float((scores_a.argmax(1) == scores_b.argmax(1)).double().mean()),
         "accuracy_a": float(ok_a.double().mean()), "accuracy_b": float(ok_b.double().mean()),
+        "per_example": per_example,
     }
 
 
@@ -145,7 +148,40 @@ class AgreementEvaluator(Evaluator):
     def __init__(self, params: AgreementParams | None = None,
                  name: str | None = "prediction_agreement") -> None:
         super().__init__(params or AgreementParams(), name)
-        self.needs = FeatureNeeds(splits=(self.params.split,), output=True)
+        p = self.params
+        if p.scores == "output":
+            self.needs = FeatureNeeds(splits=(p.split,), output=True)
+        else:
+            self.needs = FeatureNeeds(splits=(p.train_split, p.split),
+                                      reductions=(p.reduction,) if p.reduction else None,
+                                      layers=(p.layer,) if p.layer else None)
+        self._probe_info: dict[str, dict[str, Any]] = {}
+
+    def _probe_scores(self, ctx: EvalContext, model: str) -> torch.Tensor:
+        """Eval-split scores of the best linear probe (by held-out selection) on ``layer``."""
+        from repsim.evaluators.probes import probe_grid, probe_logits
+
+        p = self.params
+        layers = expand_layer(ctx, model, p.layer, self.name) if p.layer else ctx.layers(model)
+        layer = layers[-1]
+        train_y, eval_y = ctx.labels(p.train_split), ctx.labels(p.split)
+        tr = ctx.features(model, layer, p.train_split, p.reduction)
+        ev = ctx.features(model, layer, p.split, p.reduction)
+        grid = {k: tuple(v) if isinstance(v, list) else v for k, v in p.probe.items()}
+        res = probe_grid(tr, train_y, ev, eval_y, top=1, split_seed=ctx.seed, keep_best=True,
+                         num_classes=int(max(int(train_y.max()), int(eval_y.max()))) + 1, **grid)
+        assert res.model is not None
+        self._probe_info[model] = {"layer": layer, "run": res.runs[res.best[0]],
+                                   "protocol": res.protocol}
+        return probe_logits(res.model, ev.float())
+
+    def _scores(self, ctx: EvalContext, model: str, cache: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+        if model not in cache:
+            p = self.params
+            cache[model] = (ctx.output(model, p.split) if p.scores == "output"
+                            else self._probe_scores(ctx, model))
+        return cache[model]
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         p = self.params
@@ -154,9 +190,12 @@ class AgreementEvaluator(Evaluator):
         f1_rows: list[list[Any]] = []
         notes: list[str] = []
         data: dict[str, Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        scores: dict[str, torch.Tensor] = {}
+        self._probe_info = {}
         for a, b in resolve_pairs(ctx, p.models, p.pairs, self.name):
             try:
-                sa, sb = ctx.output(a, p.split), ctx.output(b, p.split)
+                sa, sb = self._scores(ctx, a, scores), self._scores(ctx, b, scores)
             except MISSING as exc:
                 notes.append(f"{a} vs {b}: skipped ({exc})")
                 continue
@@ -171,6 +210,8 @@ class AgreementEvaluator(Evaluator):
                                      r["undefined"][k][s]])
             f1_rows.append([a, b, r["f1"], r["top1_agreement"], r["accuracy_a"], r["accuracy_b"],
                             r["n"]["all"]])
+            for k, t in r.pop("per_example").items():
+                tensors[f"tau/{pair}/top{k}"] = t
             data[pair] = {**r, "tau": {str(k): {s: json_float(v) for s, v in d.items()}
                                        for k, d in r["tau"].items()},
                           "undefined": {str(k): d for k, d in r["undefined"].items()}}
@@ -181,8 +222,14 @@ class AgreementEvaluator(Evaluator):
                    "place: lower class index), averaged over examples where defined",
             "subsets": "by each model's top-1 against the labels",
             "f1": f"torchmetrics multiclass F1 ({p.f1_average}) of B's top-1 against A's top-1",
-            "notes": notes,
+            "tensor_layout": "tau/<a vs b>/top<k>: [N] per-example tau (NaN: undefined)",
+            "scores": p.scores, "notes": notes,
         }
+        if p.scores == "linear_probe":
+            protocol["probes"] = {m: {"layer": i["layer"], "best_run": i["run"],
+                                      "grid": i["protocol"]["grid"],
+                                      "selection": i["protocol"]["selection"]}
+                                  for m, i in self._probe_info.items()}
 
         def plot():
             fig, axes = figure(len(SUBSETS), width=4.2)
@@ -208,5 +255,5 @@ class AgreementEvaluator(Evaluator):
                                           "n_undefined"], tau_rows),
                     "top1_f1": table(["model_a", "model_b", "f1", "top1_agreement", "accuracy_a",
                                       "accuracy_b", "n"], f1_rows)},
-            data=data, figures={"tau": plot},
+            tensors=tensors, data=data, figures={"tau": plot},
         )

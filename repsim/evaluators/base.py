@@ -27,17 +27,27 @@ class FeatureNeeds:
     """Which cached features an evaluator reads.
 
     ``splits``: dataset splits to extract (``"eval"`` is the recipe's split; others by name, e.g.
-    ``"train"``). ``reductions``: token reductions to cache for every selected layer (None: the
-    model's own). ``output``: the models' return values (class scores) too.
+    ``"train"``; ``()`` for an evaluator that reads no features, only checkpoints or similarity
+    results). ``reductions``: token reductions to cache for every selected layer (None: the
+    model's own). ``output``: the models' return values (class scores) too. ``layers``: layer or
+    group names whose features to cache (None: every selected layer; a name a model lacks selects
+    nothing of it), so a k-NN on the blocks does not cache every layer type on the train split.
     """
 
     splits: tuple[str, ...] = ("eval",)
     reductions: tuple[str, ...] | None = None
     output: bool = False
+    layers: tuple[str, ...] | None = None
 
 
 class EvalContext(Protocol):
-    """Read-only view of a finished data pass."""
+    """Read-only view of a finished data pass.
+
+    Asking for something the run did not produce raises ``KeyError`` (a missing model, layer,
+    split, output or similarity result) or :class:`~repsim.errors.FeatureError` (a reduction a
+    layer cannot give, e.g. ``cls`` of a CNN map); evaluators skip such items with a note.
+    :class:`repsim.evaluators.context.InMemoryContext` implements this over tensors in memory.
+    """
 
     models: list[str]  # labels of the recipe's models, in recipe order
     seed: int

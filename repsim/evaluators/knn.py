@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from repsim.errors import FeatureError
-from repsim.evaluators._common import (MISSING, figure, json_float, layer_axis, resolve_layers,
-                                       resolve_models, table)
+from repsim.evaluators._common import (MISSING, cached_layers, figure, json_float, layer_axis,
+                                       resolve_layers, resolve_models, table)
 from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
 from repsim.evaluators.params import KnnParams
 
@@ -110,7 +110,8 @@ class KnnEvaluator(Evaluator):
         super().__init__(params or KnnParams(), name)
         p = self.params
         self.needs = FeatureNeeds(splits=(p.train_split, p.eval_split),
-                                  reductions=tuple(p.reductions))
+                                  reductions=tuple(p.reductions),
+                                  layers=cached_layers(p.layers, p.group))
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         import torch
@@ -124,7 +125,11 @@ class KnnEvaluator(Evaluator):
         tensors: dict[str, torch.Tensor] = {}
         layers_of: dict[str, list[str]] = {}
         for model in resolve_models(ctx, p.models, self.name):
-            layers = layers_of[model] = resolve_layers(ctx, model, p.layers, self.name)
+            layers = resolve_layers(ctx, model, p.layers, self.name, p.group)
+            if not layers:
+                notes.append(f"{model}: skipped, no layer group '{p.group}'")
+                continue
+            layers_of[model] = layers
             acc = torch.full((len(layers), len(p.reductions)), float("nan"), dtype=torch.float64)
             for i, layer in enumerate(layers):
                 for j, red in enumerate(p.reductions):
@@ -148,7 +153,7 @@ class KnnEvaluator(Evaluator):
             "ties": "neighbours: torch.topk order; classes: lowest index",
             "train_split": p.train_split, "eval_split": p.eval_split,
             "n_train": int(train_y.numel()), "n_eval": int(eval_y.numel()),
-            "num_classes": n_cls, "reductions": list(p.reductions),
+            "num_classes": n_cls, "reductions": list(p.reductions), "group": p.group,
             "tensor_layout": "accuracy/<model>: [layer, reduction]", "notes": notes,
         }
 

@@ -6,7 +6,7 @@ Defaults follow the seeds' protocols (``docs/evaluators.md`` gives each one's so
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,7 +21,8 @@ class KnnParams(_Params):
     """Weighted k-NN in the DINO protocol, for every layer and token reduction."""
 
     models: list[str] | None = None  # None: every model of the run
-    layers: list[str] | None = None  # layer or group names; None: every selected layer
+    group: str | None = None  # only this layer group (e.g. "blocks"); None: every selected layer
+    layers: list[str] | None = None  # explicit layer or group names instead
     reductions: list[Reduction] = Field(default_factory=lambda: ["cls", "gap", "gap_no_cls"],
                                         min_length=1)
     k: int = Field(20, ge=1)
@@ -36,6 +37,7 @@ class LinearProbeParams(_Params):
     """BatchNorm (no affine) + linear classifier on cached features, over a hyper-parameter grid."""
 
     models: list[str] | None = None
+    group: str | None = None  # "last" / "all" within this layer group (e.g. "blocks")
     # "last": the last selected layer; "all": every selected layer on its own; or a list whose
     # entries are a layer (or a group: each of its layers on its own) or a list of layers whose
     # features are concatenated (final + intermediate CLS tokens, seeds 003 Fig. 2c).
@@ -79,6 +81,10 @@ class MlpProbeParams(LinearProbeParams):
         return self
 
 
+PROBE_GRID_KEYS = ("optimizer", "base_lrs", "weight_decays", "momentum", "batch_size", "epochs",
+                   "warmup_epochs", "seeds", "selection", "holdout")
+
+
 class AgreementParams(_Params):
     """Kendall's tau of top-k class rankings and top-1 F1 between pairs of models."""
 
@@ -88,11 +94,22 @@ class AgreementParams(_Params):
     split: str = "eval"
     reference: Literal["a", "b", "symmetric"] = "symmetric"
     f1_average: Literal["macro", "micro", "weighted"] = "macro"
+    # "output": the models' own class scores. "linear_probe": the scores of a linear probe trained
+    # on `train_split` features of `layer` (the seeds rank with linear-probe outputs, Fig. 4).
+    scores: Literal["output", "linear_probe"] = "output"
+    layer: str | None = None  # a layer, or a group (its last layer); None: last selected layer
+    reduction: Reduction | None = None
+    train_split: str = "train"
+    probe: dict[str, Any] = Field(default_factory=dict)  # linear_probe grid keys; best run used
 
     @model_validator(mode="after")
-    def _positive_k(self) -> AgreementParams:
+    def _check(self) -> AgreementParams:
         if min(self.ks) < 2:
             raise ValueError("every k must be >= 2 (Kendall's tau needs two classes)")
+        unknown = set(self.probe) - set(PROBE_GRID_KEYS)
+        if unknown:
+            raise ValueError(f"probe: unknown keys {sorted(unknown)}; use {PROBE_GRID_KEYS}")
+        LinearProbeParams(**self.probe)  # same checks as the linear_probe evaluator
         return self
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from repsim.errors import FeatureError
-from repsim.evaluators._common import (MISSING, expand_layer, figure, json_float,
+from repsim.evaluators._common import (MISSING, cached_layers, expand_layer, figure, json_float,
                                        resolve_layers, resolve_models, table)
 from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
 from repsim.evaluators.params import LinearProbeParams, MlpProbeParams
@@ -55,6 +55,7 @@ class ProbeResult:
     runs: list[dict[str, Any]]  # config, selection accuracy and loss, eval accuracy per run
     best: list[int]  # indices into ``runs``, best first
     protocol: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None  # the best run's probe (eval mode) if asked for
 
 
 def build_probe(in_dim: int, num_classes: int, depth: int = 0, hidden: int | None = None
@@ -155,6 +156,14 @@ def _score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, f
     return correct / x.shape[0], loss / x.shape[0]
 
 
+def probe_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` class scores of a trained probe (eval mode, no gradients, in chunks)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + EVAL_CHUNK]) for i in range(0, x.shape[0], EVAL_CHUNK)])
+
+
 def holdout_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (fit, held out) of a stratified split (sklearn); unstratified if a class has a
     single example."""
@@ -181,14 +190,15 @@ def probe_grid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
                batch_size: int = 256, epochs: tuple[int, ...] = (100,),
                warmup_epochs: tuple[int, ...] = (10,), seeds: tuple[int, ...] = (0,),
                top: int = 5, selection: Literal["holdout", "eval"] = "holdout",
-               holdout: float = 0.1, split_seed: int = 0,
-               num_classes: int | None = None) -> ProbeResult:
+               holdout: float = 0.1, split_seed: int = 0, num_classes: int | None = None,
+               keep_best: bool = False) -> ProbeResult:
     """Train a probe for every grid point; mean ± std of the eval accuracy of the best ``top``.
 
     ``selection="holdout"`` (default) trains on the train split minus a stratified ``holdout``
     fraction and ranks runs by held-out accuracy (then lower held-out loss); the eval split is
     only reported. ``selection="eval"`` trains on the whole train split and ranks by eval
-    accuracy, as the seeds report (an optimistic estimate).
+    accuracy, as the seeds report (an optimistic estimate). ``keep_best``: return the top-ranked
+    run's probe as ``model``.
     """
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
         raise FeatureError(f"probes need [N, D] features of equal width; got train "
@@ -202,6 +212,7 @@ def probe_grid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
     else:
         fit_x, fit_y, sel_x, sel_y = train_x, train_y, test_x, test_y
     runs: list[dict[str, Any]] = []
+    models: list[nn.Module] = []
     for lr, wd, ep, wu, seed in itertools.product(base_lrs, weight_decays, epochs, warmup_epochs,
                                                   seeds):
         model = train_probe(fit_x, fit_y, n_cls, depth=depth, hidden=hidden, optimizer=optimizer,
@@ -213,6 +224,8 @@ def probe_grid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
         runs.append({"base_lr": lr, "weight_decay": wd, "epochs": ep, "warmup_epochs": wu,
                      "seed": seed, "selection_accuracy": sel_acc, "selection_loss": sel_loss,
                      "eval_accuracy": eval_acc})
+        if keep_best:
+            models.append(model)
     order = sorted(range(len(runs)), key=lambda i: (-runs[i]["selection_accuracy"],
                                                     runs[i]["selection_loss"]))
     best = order[:top]
@@ -239,7 +252,7 @@ def probe_grid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
                         ranking="held-out accuracy, then held-out cross-entropy")
     else:
         protocol.update(ranking="eval accuracy (the seeds' protocol; optimistic)")
-    return ProbeResult(mean, std, runs, best, protocol)
+    return ProbeResult(mean, std, runs, best, protocol, models[best[0]] if keep_best else None)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
@@ -267,15 +280,17 @@ class ProbeEvaluator(Evaluator):
                          name or ("mlp_probe" if mlp else "linear_probe"))
         self.depths: list[int] = list(params.depths) if isinstance(params, MlpProbeParams) else [0]
         p = self.params
-        self.needs = FeatureNeeds(splits=(p.train_split, p.eval_split),
-                                  reductions=(p.reduction,) if p.reduction else None)
+        self.needs = FeatureNeeds(
+            splits=(p.train_split, p.eval_split),
+            reductions=(p.reduction,) if p.reduction else None,
+            layers=cached_layers(None if isinstance(p.layers, str) else p.layers, p.group))
 
     def _inputs(self, ctx: EvalContext, model: str) -> list[list[str]]:
         """Each probe's input as the list of layers whose features are concatenated."""
         spec = self.params.layers
-        layers = resolve_layers(ctx, model, None, self.name)
+        layers = resolve_layers(ctx, model, None, self.name, self.params.group)
         if spec == "last":
-            return [layers[-1:]]
+            return [layers[-1:]] if layers else []
         if spec == "all":
             return [[layer] for layer in layers]
         out: list[list[str]] = []
@@ -297,9 +312,18 @@ class ProbeEvaluator(Evaluator):
         notes: list[str] = []
         results: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
         grid_protocol: dict[str, Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        labels_of: dict[str, list[str]] = {}  # input labels per model: rows of the tensors
         for model in resolve_models(ctx, p.models, self.name):
             results[model] = {}
-            for layers in self._inputs(ctx, model):
+            inputs = self._inputs(ctx, model)
+            if not inputs:
+                notes.append(f"{model}: skipped, no layer group '{p.group}'")
+            labels_of[model] = ["+".join(layers) for layers in inputs]
+            stats = torch.full((len(inputs), len(self.depths), 2), float("nan"),
+                               dtype=torch.float64)
+            tensors[f"accuracy/{model}"] = stats
+            for n, layers in enumerate(inputs):
                 label = "+".join(layers)
                 try:
                     tr = torch.cat([ctx.features(model, la, p.train_split, p.reduction)
@@ -310,7 +334,7 @@ class ProbeEvaluator(Evaluator):
                     notes.append(f"{model} {label}: skipped ({exc})")
                     continue
                 results[model][label] = {}
-                for depth in self.depths:
+                for d, depth in enumerate(self.depths):
                     res = probe_grid(
                         tr.to(p.device), train_y, ev.to(p.device), eval_y, depth=depth,
                         hidden=getattr(p, "hidden", None), optimizer=p.optimizer,
@@ -322,6 +346,7 @@ class ProbeEvaluator(Evaluator):
                     grid_protocol = {k: v for k, v in res.protocol.items()
                                      if k not in ("depth", "hidden", "n_fit", "n_selection",
                                                   "n_eval", "architecture")}
+                    stats[n, d, 0], stats[n, d, 1] = res.mean, res.std
                     best = res.runs[res.best[0]]
                     rows.append([model, label, len(layers), int(tr.shape[1]), depth, res.mean,
                                  res.std, len(res.best), best["base_lr"], best["weight_decay"],
@@ -342,10 +367,11 @@ class ProbeEvaluator(Evaluator):
             "seeds 003 Appendix B.3-B.4", "depths": self.depths,
             "probe": "BatchNorm1d(affine=False) -> depth x (Linear -> BatchNorm1d -> ReLU) -> "
                      "Linear", "hidden": getattr(p, "hidden", None) or "input width",
-            "reduction": p.reduction or "the run's reduction per model",
+            "reduction": p.reduction or "the run's reduction per model", "group": p.group,
             "train_split": p.train_split, "eval_split": p.eval_split,
             "n_train": int(train_y.numel()), "n_eval": int(eval_y.numel()),
-            **grid_protocol, "notes": notes,
+            **grid_protocol,
+            "tensor_layout": "accuracy/<model>: [input, depth, (mean, std)]", "notes": notes,
         }
         depths = self.depths
 
@@ -382,7 +408,9 @@ class ProbeEvaluator(Evaluator):
                                     "epochs", "warmup_epochs", "seed", "selection_accuracy",
                                     "eval_accuracy"], run_rows),
             },
-            data={"results": {m: {lab: {str(d): r for d, r in v.items()} for lab, v in ls.items()}
+            tensors=tensors,
+            data={"inputs": labels_of,
+                  "results": {m: {lab: {str(d): r for d, r in v.items()} for lab, v in ls.items()}
                               for m, ls in results.items()}},
             figures={"accuracy": plot},
         )
