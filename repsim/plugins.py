@@ -26,6 +26,8 @@ ENTRY_POINT_GROUP = "repsim"
 BUILTIN_PLUGINS = (
     "repsim.metrics.builtin",
     "repsim.models.builtin",
+    "repsim.models.zoo",
+    "repsim.models.selectors",
     "repsim.data.builtin",
     "repsim.layers",
     "repsim.evaluators.builtin",

@@ -55,7 +55,8 @@ class Preprocess:
     def describe(self) -> str:
         parts = []
         if self.resize is not None:
-            parts.append(f"resize {self.resize}")
+            filt = "" if self.interpolation == "bilinear" else f" ({self.interpolation})"
+            parts.append(f"resize {self.resize}{filt}")
         if self.crop is not None:
             parts.append(f"centre-crop {self.crop}")
         name = "ImageNet" if (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD) else "custom"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,9 +20,13 @@ class PreprocessParams(BaseModel):
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     channels: int = 3
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
+        "bilinear", description="resize filter; DINO's and MAE's own evaluations use 'bicubic'"
+    )
 
     def build(self) -> Preprocess:
-        return Preprocess(self.resize, self.crop, tuple(self.mean), tuple(self.std), self.channels)
+        return Preprocess(self.resize, self.crop, tuple(self.mean), tuple(self.std), self.channels,
+                          self.interpolation)
 
 
 class TimmParams(BaseModel):
