@@ -19,8 +19,7 @@ from repsim.models.checkpoints import read_checkpoint
 from repsim.models.official import convert_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))  # importlib mode: reach the shared reference module
-from test_zoo import vit_case  # noqa: E402
-from test_zoo_reference import IMG, dino_full, save  # noqa: E402
+from test_zoo_reference import IMG, save, vit_case  # noqa: E402
 
 SMALL = {"arch_overrides": {"depth": 2, "img_size": IMG}}
 
@@ -182,7 +181,8 @@ def test_convert_command_round_trip(cli: click.Group, tmp_path: Path) -> None:
     assert model.provenance["layout"].startswith("repsim convert output, from 'dino_vit_s16-full")
     assert model.provenance["branch"] == "student"
 
-    with pytest.raises(CheckpointError, match="converted for model 'dino_vit_s16', not 'msn_vit_s16'"):
+    with pytest.raises(CheckpointError,
+                       match="converted for model 'dino_vit_s16', not 'msn_vit_s16'"):
         build_model("msn_vit_s16", checkpoint=out)
     with pytest.raises(CheckpointError, match="holds the 'student' network only"):
         build_model("dino_vit_s16", checkpoint=out, branch="teacher")

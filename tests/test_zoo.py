@@ -31,13 +31,13 @@ from test_zoo_reference import (  # noqa: E402
     dino_full,
     fcmae_ckpt,
     heads,
-    mae_pretrain,
     moco_sincos,
     mocov3_linear,
     mocov3_pretrain,
-    msn_ckpt,
     randomize,
     save,
+    small_resnet,
+    vit_case,
 )
 
 NAMES = ["mocov3_vit_s16", "mocov3_vit_b16", "dino_vit_s16", "dino_vit_s8", "dino_vit_b16",
@@ -73,62 +73,6 @@ VIT_CASES = [
     ("msn_vit_s16", "target"), ("msn_vit_s16", "encoder"), ("msn_vit_b16", "target"),
     ("msn_vit_l16", "target"),
 ]
-
-
-def vit_case(name: str, layout: str, tmp_path: Path, depth: int | None = None, img: int = IMG
-             ) -> tuple[RefViT, Path, dict, dict]:
-    """Reference network, file in ``layout``, extra build params, expected provenance entries."""
-    e = BY_NAME[name]
-    depth = depth or (2 if e.width == 384 else 1)  # full width and heads; shallow to stay fast
-    classes = 10 if layout in ("linear", "ft") else 0
-
-    def net(seed: int) -> RefViT:
-        ref = randomize(RefViT(e.width, depth, heads(name, e.width), e.patch, img,
-                               global_pool=e.method == "mae_ft", classes=classes), seed)
-        if e.method == "mocov3":
-            with torch.no_grad():
-                ref.pos_embed.copy_(moco_sincos(img // e.patch, img // e.patch, e.width))
-        return ref
-
-    ref, other = net(0), net(1)
-    sd, osd = ref.state_dict(), other.state_dict()
-    params: dict = {}
-    expect: dict = {"dropped": [], "ignored": []}
-    if layout == "pretrain" and e.method == "mocov3":
-        obj = mocov3_pretrain(sd, osd, "head", e.width)
-        expect = {"dropped": ["module.momentum_encoder.cls_token", "module.predictor.0.weight",
-                              "module.base_encoder.head.0.weight"],
-                  "ignored": ["optimizer", "epoch", "arch"], "branch": "base_encoder"}
-    elif layout == "linear":
-        obj = mocov3_linear(sd)
-        expect["ignored"] = ["optimizer", "best_acc1"]
-    elif layout in ("deit", "ft"):
-        obj = {"model": sd}
-    elif layout == "bare":
-        obj = sd
-    elif layout == "full":
-        obj = dino_full(sd, osd, e.width)
-        expect = {"dropped": ["head.mlp.0.weight", "head.last_layer.weight_v"],
-                  "ignored": ["student", "args", "optimizer", "dino_loss"], "branch": "teacher"}
-    elif layout == "full_student":
-        obj, params = dino_full(osd, sd, e.width), {"branch": "student"}
-        expect = {"dropped": ["module.head.mlp.0.weight"], "ignored": ["teacher", "args"],
-                  "branch": "student"}
-    elif layout == "pretrain":
-        obj = mae_pretrain(sd, e.width, (img // e.patch) ** 2)
-        expect["dropped"] = ["mask_token", "decoder_embed.weight", "decoder_pred.bias"]
-    elif layout in ("target", "encoder"):
-        branch = "target_encoder" if layout == "target" else "encoder"
-        obj = msn_ckpt(sd, osd, e.width) if layout == "target" else msn_ckpt(osd, sd, e.width)
-        params = {"branch": "encoder"} if layout == "encoder" else {}
-        expect = {"dropped": ["prototypes", "module.fc.fc1.weight", "module.fc.bn1.running_var"],
-                  "ignored": ["opt", "epoch", "loss", "target_encoder" if layout == "encoder"
-                              else "encoder"], "branch": branch}
-    else:
-        raise AssertionError(layout)
-    params["arch_overrides"] = {"depth": depth, "img_size": img}
-    suffix = ".pth.tar" if e.checkpoint.endswith(".tar") else ".pth"
-    return ref, save(obj, tmp_path / f"{name}-{layout}{suffix}"), params, expect
 
 
 def assert_vit_flags(model, name: str, ref: RefViT) -> None:
@@ -215,12 +159,6 @@ def test_convnextv2_fcmae_sparse_checkpoint(tmp_path: Path) -> None:
         prov["dropped_keys"])
     assert {"epoch", "args"} <= set(prov["ignored_entries"])
     assert "sparse kernels made dense" in prov["layout"]
-
-
-def small_resnet(seed: int, classes: int = 0) -> ResNet:
-    net = ResNet(Bottleneck, [1, 1, 1, 1])
-    net.fc = nn.Linear(2048, classes) if classes else nn.Identity()
-    return randomize(net, seed)
 
 
 @pytest.mark.parametrize("layout", ["bare", "full", "full_student"])

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from repsim.models.zoo import BY_NAME
 
 WIDTH = {"small": 384, "base": 768, "large": 1024}
 IMG = 32  # 2x2 patches at /16, 4x4 at /8: small, but a real 2-D grid
@@ -35,8 +38,8 @@ class RefAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
@@ -251,7 +254,8 @@ def dino_full(teacher: dict, student: dict, width: int, teacher_ddp: bool = Fals
         "optimizer": optimizer_state(),
         "epoch": 100,
         "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005,
-                                   data_path="/path/to/imagenet/train", local_crops_scale=(0.05, 0.4)),
+                                   data_path="/path/to/imagenet/train",
+                                   local_crops_scale=(0.05, 0.4)),
         "dino_loss": {"center": torch.zeros(1, 32)},
     }
 
@@ -323,3 +327,65 @@ def fcmae_ckpt(dense: dict) -> dict:
 def save(obj: dict, path: Path) -> Path:
     torch.save(obj, path)
     return path
+
+
+def vit_case(name: str, layout: str, tmp_path: Path, depth: int | None = None, img: int = IMG
+             ) -> tuple[RefViT, Path, dict, dict]:
+    """Reference network, file in ``layout``, extra build params, expected provenance entries."""
+    e = BY_NAME[name]
+    depth = depth or (2 if e.width == 384 else 1)  # full width and heads; shallow to stay fast
+    classes = 10 if layout in ("linear", "ft") else 0
+
+    def net(seed: int) -> RefViT:
+        ref = randomize(RefViT(e.width, depth, heads(name, e.width), e.patch, img,
+                               global_pool=e.method == "mae_ft", classes=classes), seed)
+        if e.method == "mocov3":
+            with torch.no_grad():
+                ref.pos_embed.copy_(moco_sincos(img // e.patch, img // e.patch, e.width))
+        return ref
+
+    ref, other = net(0), net(1)
+    sd, osd = ref.state_dict(), other.state_dict()
+    params: dict = {}
+    expect: dict = {"dropped": [], "ignored": []}
+    if layout == "pretrain" and e.method == "mocov3":
+        obj = mocov3_pretrain(sd, osd, "head", e.width)
+        expect = {"dropped": ["module.momentum_encoder.cls_token", "module.predictor.0.weight",
+                              "module.base_encoder.head.0.weight"],
+                  "ignored": ["optimizer", "epoch", "arch"], "branch": "base_encoder"}
+    elif layout == "linear":
+        obj = mocov3_linear(sd)
+        expect["ignored"] = ["optimizer", "best_acc1"]
+    elif layout in ("deit", "ft"):
+        obj = {"model": sd}
+    elif layout == "bare":
+        obj = sd
+    elif layout == "full":
+        obj = dino_full(sd, osd, e.width)
+        expect = {"dropped": ["head.mlp.0.weight", "head.last_layer.weight_v"],
+                  "ignored": ["student", "args", "optimizer", "dino_loss"], "branch": "teacher"}
+    elif layout == "full_student":
+        obj, params = dino_full(osd, sd, e.width), {"branch": "student"}
+        expect = {"dropped": ["module.head.mlp.0.weight"], "ignored": ["teacher", "args"],
+                  "branch": "student"}
+    elif layout == "pretrain":
+        obj = mae_pretrain(sd, e.width, (img // e.patch) ** 2)
+        expect["dropped"] = ["mask_token", "decoder_embed.weight", "decoder_pred.bias"]
+    elif layout in ("target", "encoder"):
+        branch = "target_encoder" if layout == "target" else "encoder"
+        obj = msn_ckpt(sd, osd, e.width) if layout == "target" else msn_ckpt(osd, sd, e.width)
+        params = {"branch": "encoder"} if layout == "encoder" else {}
+        expect = {"dropped": ["prototypes", "module.fc.fc1.weight", "module.fc.bn1.running_var"],
+                  "ignored": ["opt", "epoch", "loss", "target_encoder" if layout == "encoder"
+                              else "encoder"], "branch": branch}
+    else:
+        raise AssertionError(layout)
+    params["arch_overrides"] = {"depth": depth, "img_size": img}
+    suffix = ".pth.tar" if e.checkpoint.endswith(".tar") else ".pth"
+    return ref, save(obj, tmp_path / f"{name}-{layout}{suffix}"), params, expect
+
+
+def small_resnet(seed: int, classes: int = 0) -> ResNet:
+    net = ResNet(Bottleneck, [1, 1, 1, 1])
+    net.fc = nn.Linear(2048, classes) if classes else nn.Identity()
+    return randomize(net, seed)

@@ -109,7 +109,8 @@ def test_attn_maps_need_transformer_blocks(resnet: LoadedModel) -> None:
     module = nn.Module()
     module.blocks = nn.Sequential(nn.Module())
     module.blocks[0].attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(LayerSelectionError, match="needs timm attention modules.*MultiheadAttention"):
+    with pytest.raises(LayerSelectionError,
+                       match="needs timm attention modules.*MultiheadAttention"):
         select("attn_maps", wrap(module, "other"))
 
 

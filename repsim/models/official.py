@@ -140,8 +140,8 @@ def extract(entry: ZooEntry, ckpt: Checkpoint, branch: str | None, explicit: boo
     kept, gone, note, used_branch = convert(entry, state, branch, explicit, path)
     # DINO and MSN keep each branch in its own top-level entry; MoCo-v3 uses key prefixes.
     used_branch = branch if container == branch else used_branch
-    return Extracted(kept, f"{where}, prefix '{prefix}' ({note})" if prefix else f"{where} ({note})",
-                     dropped + [prefix + k for k in gone], ignored, used_branch)
+    layout = f"{where}, prefix '{prefix}' ({note})" if prefix else f"{where} ({note})"
+    return Extracted(kept, layout, dropped + [prefix + k for k in gone], ignored, used_branch)
 
 
 def _is_weight(value: Any) -> bool:
@@ -151,7 +151,8 @@ def _is_weight(value: Any) -> bool:
 Converted = tuple[dict[str, torch.Tensor], list[str], str, "str | None"]
 
 
-def _split(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _split(state: dict[str, torch.Tensor], prefix: str
+           ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Keys under ``prefix`` (stripped) and the names of all the others."""
     kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return kept, [k for k in state if not k.startswith(prefix)]
@@ -163,7 +164,8 @@ def _head_key(entry: ZooEntry) -> str:
 
 def _drop_projector(entry: ZooEntry, state: dict[str, torch.Tensor], prefix: str
                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Drop ``head.N.*``/``fc.N.*`` (an MLP projector); keep ``head.weight``/``bias`` (a classifier)."""
+    """Drop ``head.N.*``/``fc.N.*`` (an MLP projector); keep ``head.weight``/``.bias`` (a
+    classifier)."""
     head = _head_key(entry)
     proj = [k for k in state if k.startswith(head + ".") and k not in (f"{head}.weight",
                                                                        f"{head}.bias")]
@@ -265,7 +267,7 @@ def _sparse_to_dense(state: dict[str, torch.Tensor], path: Path) -> dict[str, to
     return out
 
 
-# Official dense ConvNeXt-V2 names → timm names (the facts of timm's convnext.checkpoint_filter_fn).
+# Official dense ConvNeXt-V2 names → timm names (facts from timm's convnext.checkpoint_filter_fn).
 _CONVNEXT_RENAMES = (
     (re.compile(r"^downsample_layers\.0\."), "stem."),
     (re.compile(r"^stages\.(\d+)\.(\d+)\."), r"stages.\1.blocks.\2."),
@@ -390,11 +392,12 @@ def _pos_embed_check(entry: ZooEntry, module: nn.Module, state: dict[str, torch.
                 "produced it (`repsim list models`)."
             )
     elif is_sincos:
+        size = {"w": entry.width, "d": entry.depth, "p": entry.patch}
         raise CheckpointError(
             f"checkpoint '{path}' looks like a MoCo-v3 checkpoint (its pos_embed is MoCo-v3's "
             f"fixed 2-D sin-cos embedding), not a {entry.method} one; loading it into "
             f"'{entry.name}' would silently use the wrong architecture. Use "
-            f"{' or '.join(_fits({'w': entry.width, 'd': entry.depth, 'p': entry.patch}, 'mocov3'))}."
+            f"{' or '.join(_fits(size, 'mocov3'))}."
         )
     return []
 
@@ -451,8 +454,8 @@ def _describe(state: dict[str, torch.Tensor]) -> str:
               for i in range(1, 5)]
     if any(layers):
         return f"a ResNet with {layers} bottlenecks per stage"
-    stages = [len({m.group(1) for k in state if (m := re.match(rf"stages\.{i}\.blocks\.(\d+)\.", k))})
-              for i in range(4)]
+    stages = [len({m.group(1) for k in state
+                   if (m := re.match(rf"stages\.{i}\.blocks\.(\d+)\.", k))}) for i in range(4)]
     if any(stages):
         return f"a ConvNeXt with {stages} blocks per stage"
     return f"{len(state)} tensors such as {', '.join(list(state)[:3])}"
@@ -475,7 +478,8 @@ def _misfit(entry: ZooEntry, path: Path, state: dict[str, torch.Tensor],
     if mismatched:
         k = mismatched[0]
         lines.append(f"  {len(mismatched)} tensors have other shapes, e.g. '{k}': "
-                     f"{list(state[k].shape)} in the file, {list(expected[k].shape)} in the network")
+                     f"{list(state[k].shape)} in the file, {list(expected[k].shape)} in the "
+                     "network")
     if missing:
         lines.append(f"  {len(missing)} network tensors are not in the file: "
                      f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
