@@ -140,7 +140,9 @@ class Run:
                 cp = cache.setdefault(split, CachePlan())
                 for m in plans.values():
                     reductions = ev.needs.reductions or (m.reduce,)
-                    cp.keys.update((m.label, layer, r) for layer in m.layers for r in reductions)
+                    layers = m.layers if ev.needs.layers is None else \
+                        _named_layers(m, ev.needs.layers)
+                    cp.keys.update((m.label, layer, r) for layer in layers for r in reductions)
                 cp.outputs |= ev.needs.output
         return cache
 
@@ -495,22 +497,31 @@ class DiskContext:
         self.results, self.seed = results, seed
         self.models = list(plans)
 
+    def _shards(self, split: str) -> list[Path]:
+        shards = sorted((self.cache_dir / split).glob("[0-9]*.safetensors"))
+        if not shards:
+            raise KeyError(f"no cached features for split '{split}'; cached splits: "
+                           f"{sorted(p.name for p in self.cache_dir.iterdir() if p.is_dir())}")
+        return shards
+
     def _read(self, split: str, key: str, what: str) -> torch.Tensor:
         import torch
         from safetensors import safe_open
 
-        shards = sorted((self.cache_dir / split).glob("*.safetensors"))
-        shards = [s for s in shards if not s.name.startswith("state_")]
         parts = []
-        for s in shards:
-            with safe_open(str(s), framework="pt") as fh:
+        for shard in self._shards(split):
+            with safe_open(str(shard), framework="pt") as fh:
                 if key not in fh.keys():  # noqa: SIM118
-                    raise FeatureError(f"{what} was not cached for split '{split}'. An evaluator "
-                                       "must declare it in its FeatureNeeds.")
+                    raise KeyError(f"{what} was not cached for split '{split}': an evaluator "
+                                   "must ask for it in its FeatureNeeds.")
                 parts.append(fh.get_tensor(key))
-        if not parts:
-            raise FeatureError(f"no cached features for split '{split}'.")
         return torch.cat(parts)
+
+    def _cached_keys(self, split: str) -> list[str]:
+        from safetensors import safe_open
+
+        with safe_open(str(self._shards(split)[0]), framework="pt") as fh:
+            return list(fh.keys())  # noqa: SIM118
 
     def layers(self, model: str) -> list[str]:
         return self.plans[model].layers
@@ -520,9 +531,15 @@ class DiskContext:
 
     def features(self, model: str, layer: str, split: str = EVAL,
                  reduction: str | None = None) -> torch.Tensor:
+        if model not in self.plans:
+            raise KeyError(f"no model '{model}' in this run; models: {self.models}")
         r = reduction or self.plans[model].reduce
-        return self._read(split, f"{model}|{layer}|{r}",
-                          f"features of model '{model}', layer '{layer}', reduction '{r}'")
+        what = f"features of model '{model}', layer '{layer}', reduction '{r}'"
+        key = f"{model}|{layer}|{r}"
+        if key not in self._cached_keys(split) and any(
+                k.startswith(f"{model}|{layer}|") for k in self._cached_keys(split)):
+            raise FeatureError(f"{what}: this layer's output has no '{r}' reduction.")
+        return self._read(split, key, what)
 
     def labels(self, split: str = EVAL) -> torch.Tensor:
         return self._read(split, "labels", "labels")
@@ -538,8 +555,8 @@ class DiskContext:
         if (metric, model_b, model_a) in self.results:
             r = self.results[(metric, model_b, model_a)]
             return SimilarityResult(r.values.T, r.cols, r.rows, r.metric, r.description, r.notes)
-        raise FeatureError(f"no '{metric}' result for models '{model_a}' and '{model_b}' in this "
-                           "run; add the metric to the recipe's [[metrics]].")
+        raise KeyError(f"no '{metric}' result for models '{model_a}' and '{model_b}' in this "
+                       "run; add the metric to the recipe's [[metrics]].")
 
     def model_info(self, model: str) -> dict[str, Any]:
         p = self.plans[model]
@@ -549,6 +566,17 @@ class DiskContext:
 
     def classes(self) -> list[str]:
         return list(self.splits[EVAL].classes)
+
+
+def _named_layers(plan: ModelPlan, names: Sequence[str]) -> list[str]:
+    """Layers of a plan named directly or through their group; names it lacks select nothing."""
+    out: dict[str, None] = {}
+    for name in names:
+        if name in plan.groups:
+            out.update(dict.fromkeys(plan.groups[name]))
+        elif name in plan.layers:
+            out[name] = None
+    return list(out)
 
 
 def _git_commit() -> str | None:

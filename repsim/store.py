@@ -53,9 +53,15 @@ def write_tensors(target: Path, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        if v.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors sharing memory
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
     with atomic_path(target) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
+        save_file(out, str(tmp), metadata=metadata)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

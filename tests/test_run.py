@@ -18,19 +18,22 @@ from repsim.recipe import check_recipe
 from repsim.run import Run
 
 
-def independent_features(recipe_path: Path, label: str) -> dict[str, torch.Tensor]:
+def independent_features(recipe_path: Path, label: str, split: str | None = None,
+                         limit: int | None = None) -> dict[str, torch.Tensor]:
     """Rebuild the run's inputs by hand and take CLS tokens from timm's forward_intermediates."""
     checked = check_recipe(recipe_path)
     r = checked.recipe
-    ds = registry("dataset").get(r.data.dataset).create({**r.data.params, "split": r.data.split})
+    split = split or r.data.split
+    ds = registry("dataset").get(r.data.dataset).create({**r.data.params, "split": split})
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(r.run.seed))
-    order = order[: r.run.examples].tolist()
+    order = order[: limit or r.run.examples].tolist()
     model = repsim.build_model(r.models[label].model, **r.models[label].params)
     x = torch.stack([model.preprocess(ds[i][0]) for i in order])
     with torch.inference_mode():
         outs = model.module.forward_intermediates(x, norm=False, intermediates_only=True,
                                                   return_prefix_tokens=True)
-    return {f"blocks.{i}": o[1][:, 0] for i, o in enumerate(outs)}
+    return {f"blocks.{i}": o[1][:, 0] for i, o in enumerate(outs)} | {"labels": torch.tensor(
+        [ds[i][1] for i in order])}
 
 
 def test_run_writes_results_equal_to_an_independent_computation(runner, write_recipe,
@@ -45,6 +48,7 @@ def test_run_writes_results_equal_to_an_independent_computation(runner, write_re
               "figures/linear_cka/a__a__blocks.png"):
         assert (run / f).is_file(), f
     fa, fb = independent_features(path, "a"), independent_features(path, "b")
+    fa.pop("labels"), fb.pop("labels")
     for metric in ("minibatch_cka", "linear_cka"):
         data = json.loads((run / f"similarity/{metric}/a__b.json").read_text())
         expected = repsim.similarity(fa, fb, metric=metric, batch_size=8)
@@ -122,3 +126,23 @@ def test_validate_does_not_build_models(runner, write_recipe, monkeypatch) -> No
     monkeypatch.setattr(timm, "create_model", no_build)
     result = runner.invoke(cli, ["validate", str(write_recipe())])
     assert result.exit_code == 0 and "valid" in result.output
+
+
+def test_evaluators_read_the_features_of_the_right_examples(write_recipe, tmp_path: Path) -> None:
+    extra = ('\n[[evaluators]]\nname = "knn"\nparams = { k = 5, reductions = ["cls"] }\n'
+             '\n[[evaluators]]\nname = "cka_vs_depth"\n')
+    path = write_recipe(extra=extra, run="train_examples = 64")
+    run = Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    result = json.loads((run / "evaluators/knn/result.json").read_text())
+    train = independent_features(path, "b", "train", 64)
+    test = independent_features(path, "b", "val")
+    expected = repsim.functional.knn_accuracy(train["blocks.2"], train["labels"],
+                                              test["blocks.2"], test["labels"], k=5)
+    rows = result["tables"]["knn"]
+    header = rows["headers"]
+    got = [r for r in rows["rows"] if r[header.index("model")] == "b"
+           and r[header.index("layer")] == "blocks.2"]
+    assert len(got) == 1
+    assert got[0][header.index("accuracy")] == pytest.approx(expected, abs=1e-9)
+    assert (run / "evaluators/knn/accuracy_per_block.png").is_file()
+    assert (run / "evaluators/cka_vs_depth/result.json").is_file()
