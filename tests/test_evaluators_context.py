@@ -49,10 +49,12 @@ def tokens(n, seed, signal=None):
 @pytest.fixture(scope="module")
 def ctx():
     g = torch.Generator().manual_seed(0)
-    y_train, y_eval = torch.randint(0, 3, (240,), generator=g), torch.randint(0, 3, (120,), generator=g)
+    y_train = torch.randint(0, 3, (240,), generator=g)
+    y_eval = torch.randint(0, 3, (120,), generator=g)
     centres = torch.randn(3, 6, generator=g) * 6
     feats = {
-        "vit": {split: {"blocks.0": tokens(len(y), s), "blocks.1": tokens(len(y), s + 1, centres[y])}
+        "vit": {split: {"blocks.0": tokens(len(y), s),
+                        "blocks.1": tokens(len(y), s + 1, centres[y])}
                 for split, y, s in [("train", y_train, 1), ("eval", y_eval, 3)]},
         "cnn": {split: {"layer1": torch.randn(len(y), 4, 2, 2, generator=g),
                         "layer2": torch.randn(len(y), 4, 2, 2, generator=g)}
@@ -71,7 +73,8 @@ def ctx():
 def test_context_reduces_tokens_like_the_run(ctx):
     raw = ctx._features["vit"]["eval"]["blocks.1"]
     for how in ("cls", "gap", "gap_no_cls"):
-        assert torch.equal(ctx.features("vit", "blocks.1", "eval", how), reduce_output(raw, how, 1, ""))
+        expected = reduce_output(raw, how, 1, "")
+        assert torch.equal(ctx.features("vit", "blocks.1", "eval", how), expected)
     assert torch.equal(ctx.features("vit", "blocks.1", "eval"), raw[:, 0])  # default: cls
     assert ctx.layers("vit") == ["blocks.0", "blocks.1"] and ctx.models == ["vit", "cnn"]
     with pytest.raises(FeatureError, match="CLS"):

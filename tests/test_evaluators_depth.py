@@ -27,7 +27,8 @@ def test_hand_worked_bins():
     assert c["count"].tolist() == [5, 3]
     assert c["mean"][0].item() == pytest.approx(sum(near) / 5)
     assert c["mean"][1].item() == pytest.approx(sum(far) / 3)
-    assert c["std"][1].item() == pytest.approx(torch.tensor(far).double().std(unbiased=False).item())
+    far_std = torch.tensor(far).double().std(unbiased=False).item()
+    assert c["std"][1].item() == pytest.approx(far_std)
     # Nearest depth: row 0 (0.5) -> column 1 (0.5); row 1 (1.0) -> column 3.
     assert c["matched_col"].tolist() == [1, 3]
     assert c["matched"].tolist() == pytest.approx([0.9, 0.8])

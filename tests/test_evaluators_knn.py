@@ -88,3 +88,14 @@ def test_scale_invariance_per_example():
 def test_too_few_training_examples():
     with pytest.raises(FeatureError, match="k = 20"):
         knn_predict(torch.randn(10, 4), torch.zeros(10, dtype=torch.long), torch.randn(3, 4))
+
+
+@pytest.mark.slow
+def test_large_blocked_run_matches_reference():
+    # 20 000 × 2 000 × 128-d with a 1 MB budget: 64-query blocks over 4 096-example train slices.
+    x, y = gaussian_classes(22_000, 128, 50, sep=0.15, seed=9)
+    train_x, train_y, test_x = x[:20_000], y[:20_000], x[20_000:]
+    ours = knn_predict(train_x, train_y, test_x, num_classes=50, memory_mb=1.0)
+    ref = torch.cat([reference_knn(train_x, train_y, test_x[i:i + 250], 20, 0.07, 50)
+                     for i in range(0, 2000, 250)])
+    assert (ours == ref).double().mean().item() >= 0.999  # float32 vs float64 near-ties

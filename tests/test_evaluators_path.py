@@ -34,14 +34,10 @@ def test_going_back_and_forth():
 
 def test_groups_by_type_and_block():
     # attention moves straight (0 -> 1 -> 2); the MLP weight makes a right angle.
-    states = [
-        {"blocks.0.attn.qkv.weight": torch.tensor([0.0]), "blocks.0.mlp.fc1.weight": torch.tensor([0.0, 0.0]),
-         "blocks.1.norm1.weight": torch.tensor([1.0])},
-        {"blocks.0.attn.qkv.weight": torch.tensor([1.0]), "blocks.0.mlp.fc1.weight": torch.tensor([1.0, 0.0]),
-         "blocks.1.norm1.weight": torch.tensor([1.0])},
-        {"blocks.0.attn.qkv.weight": torch.tensor([2.0]), "blocks.0.mlp.fc1.weight": torch.tensor([1.0, 1.0]),
-         "blocks.1.norm1.weight": torch.tensor([1.0])},
-    ]
+    states = [{"blocks.0.attn.qkv.weight": torch.tensor(attn),
+               "blocks.0.mlp.fc1.weight": torch.tensor(mlp),
+               "blocks.1.norm1.weight": torch.tensor([1.0])}
+              for attn, mlp in [([0.0], [0.0, 0.0]), ([1.0], [1.0, 0.0]), ([2.0], [1.0, 1.0])]]
     eff = path_efficiency(states)
     assert eff["attention"] == 1.0
     assert eff["mlp"] == pytest.approx(1 / math.sqrt(2))
@@ -64,7 +60,8 @@ def test_new_head_buffers_and_unshared_keys_are_excluded():
     base[0]["blocks.0.extra.weight"] = torch.zeros(3)
     for s in base[1:]:
         s["blocks.0.extra.weight"] = torch.randn(3)
-    reference = {"blocks.0.attn.qkv.weight": torch.zeros(1), "blocks.0.extra.weight": torch.zeros(4)}
+    reference = {"blocks.0.attn.qkv.weight": torch.zeros(1),
+                 "blocks.0.extra.weight": torch.zeros(4)}
     assert path_efficiency(base, reference=reference)["all"] == 1.0
     assert path_efficiency(base)["all"] < 1.0
 
@@ -79,9 +76,11 @@ def test_snapshot_missing_a_key_is_an_error():
 def test_files_folder_and_glob_in_natural_order(tmp_path):
     points = {0: [0.0, 0.0], 2: [1.0, 0.0], 10: [1.0, 1.0]}  # epoch_10 must come last
     for epoch, p in points.items():
-        save_file({"blocks.0.attn.qkv.weight": torch.tensor(p)}, tmp_path / f"epoch_{epoch}.safetensors")
+        save_file({"blocks.0.attn.qkv.weight": torch.tensor(p)},
+                  tmp_path / f"epoch_{epoch}.safetensors")
     by_folder = find_snapshots(str(tmp_path))
-    assert [f.rsplit("/", 1)[1] for f in by_folder] == [f"epoch_{e}.safetensors" for e in (0, 2, 10)]
+    names = [f.rsplit("/", 1)[1] for f in by_folder]
+    assert names == [f"epoch_{e}.safetensors" for e in (0, 2, 10)]
     assert find_snapshots(str(tmp_path / "epoch_*.safetensors")) == by_folder
     assert path_efficiency(by_folder)["all"] == pytest.approx(1 / math.sqrt(2))
     with pytest.raises(CheckpointError, match="no snapshot"):

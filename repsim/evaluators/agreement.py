@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from repsim.errors import FeatureError
+from repsim.errors import FeatureError, RecipeError
 from repsim.evaluators._common import (MISSING, expand_layer, figure, json_float, resolve_pairs,
                                        table)
 from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
@@ -162,7 +162,10 @@ class AgreementEvaluator(Evaluator):
         from repsim.evaluators.probes import probe_grid, probe_logits
 
         p = self.params
-        layers = expand_layer(ctx, model, p.layer, self.name) if p.layer else ctx.layers(model)
+        try:
+            layers = expand_layer(ctx, model, p.layer, self.name) if p.layer else ctx.layers(model)
+        except RecipeError as exc:  # a model without the layer: skip its pairs, not the run
+            raise KeyError(str(exc)) from None
         layer = layers[-1]
         train_y, eval_y = ctx.labels(p.train_split), ctx.labels(p.split)
         tr = ctx.features(model, layer, p.train_split, p.reduction)
@@ -237,6 +240,9 @@ class AgreementEvaluator(Evaluator):
             ks = list(dict.fromkeys(r[2] for r in tau_rows))
             w = 0.8 / max(len(pairs), 1)
             for ax, subset in zip(axes, SUBSETS):
+                if all(r[4] is None for r in tau_rows if r[3] == subset):
+                    ax.text(0.5, 0.5, "no defined examples", transform=ax.transAxes,
+                            ha="center")
                 for i, pair in enumerate(pairs):
                     vals = {r[2]: r[4] for r in tau_rows if (r[0], r[1]) == pair and r[3] == subset}
                     xs = [x + (i - (len(pairs) - 1) / 2) * w for x in range(len(ks))]

@@ -30,8 +30,8 @@ def cka_vs_depth(values: torch.Tensor, bins: int = 10) -> dict[str, torch.Tensor
 
     Returns ``edges`` ``[bins + 1]``, per-bin ``mean``, ``std`` (population; NaN for an empty bin)
     and ``count`` of defined values, the layers' ``depth_a`` / ``depth_b``, and ``matched``
-    ``[La]``: each row layer's value with the column layer nearest in relative depth (``matched_col``
-    its index; the shallower one on a tie).
+    ``[La]``: each row layer's value with the column layer nearest in relative depth
+    (``matched_col`` its index; the shallower one on a tie).
     """
     import torch
 

@@ -147,14 +147,15 @@ class KnnEvaluator(Evaluator):
             data[model] = {red: {layer: json_float(acc[i, j]) for i, layer in enumerate(layers)}
                            for j, red in enumerate(p.reductions)}
         protocol = {
-            "evaluator": "knn", "protocol": "DINO weighted k-NN (Caron et al. 2021)",
+            "evaluator": self.name, "protocol": "DINO weighted k-NN (Caron et al. 2021)",
             "k": p.k, "temperature": p.temperature, "similarity": "cosine (L2-normalised)",
             "vote_weight": "exp(similarity / temperature)",
             "ties": "neighbours: torch.topk order; classes: lowest index",
             "train_split": p.train_split, "eval_split": p.eval_split,
             "n_train": int(train_y.numel()), "n_eval": int(eval_y.numel()),
             "num_classes": n_cls, "reductions": list(p.reductions), "group": p.group,
-            "tensor_layout": "accuracy/<model>: [layer, reduction]", "notes": notes,
+            "memory_mb": p.memory_mb, "tensor_layout": "accuracy/<model>: [layer, reduction]",
+            "notes": notes,
         }
 
         def plot():

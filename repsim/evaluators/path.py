@@ -16,14 +16,14 @@ import fnmatch
 import glob
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from repsim.errors import CheckpointError, FeatureError
-from repsim.evaluators._common import figure, json_float, table
+from repsim.evaluators._common import figure, json_float, layer_axis, table
 from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
 from repsim.evaluators.params import PathEfficiencyParams
 
@@ -264,8 +264,9 @@ class PathEfficiencyEvaluator(Evaluator):
                     ys = [r.efficiency.get(key(b), float("nan")) for b in r.blocks]
                     ax.plot(range(1, len(ys) + 1), ys, marker="o", label=label)
                 ax.set_title(f"path efficiency: {kind}")
-                ax.set_xlabel("block")
                 ax.set_ylim(0, 1.05)
+                layer_axis(ax, {label: r.blocks for label, r in reports.items()})
+                ax.set_xlabel("block")
             axes[0].set_ylabel("||θ_T − θ_0|| / Σ||θ_t − θ_t−1||")
             axes[0].legend(fontsize=7)
             return fig

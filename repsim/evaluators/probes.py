@@ -311,7 +311,11 @@ class ProbeEvaluator(Evaluator):
         run_rows: list[list[Any]] = []
         notes: list[str] = []
         results: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
-        grid_protocol: dict[str, Any] = {}
+        # Replaced by probe_grid's fuller record once a probe has run.
+        grid_protocol: dict[str, Any] = {
+            "optimizer": p.optimizer, "top": p.top, "selection": p.selection,
+            "grid": {"base_lr": p.base_lrs, "weight_decay": p.weight_decays, "epochs": p.epochs,
+                     "warmup_epochs": p.warmup_epochs, "seed": p.seeds}}
         tensors: dict[str, torch.Tensor] = {}
         labels_of: dict[str, list[str]] = {}  # input labels per model: rows of the tensors
         for model in resolve_models(ctx, p.models, self.name):
@@ -393,7 +397,9 @@ class ProbeEvaluator(Evaluator):
                 ax.bar(xs, ys, w, yerr=es, capsize=2, label=name)
             ax.set_xticks(range(len(inputs)))
             ax.set_xticklabels(inputs, rotation=45, ha="right", fontsize=7)
-            ax.set_ylabel(f"eval accuracy (mean ± std of best {p.top})")
+            n_grid = math.prod(len(v) for v in (p.base_lrs, p.weight_decays, p.epochs,
+                                                p.warmup_epochs, p.seeds))
+            ax.set_ylabel(f"eval accuracy (mean ± std of best {min(p.top, n_grid)})")
             ax.set_title(self.name)
             ax.legend(fontsize=7)
             return fig
@@ -402,7 +408,7 @@ class ProbeEvaluator(Evaluator):
             protocol=protocol,
             tables={
                 "accuracy": table(["model", "input", "n_layers", "dim", "depth", "mean", "std",
-                                   "n_runs", "best_base_lr", "best_weight_decay", "best_epochs",
+                                   "n_best", "best_base_lr", "best_weight_decay", "best_epochs",
                                    "best_warmup_epochs"], rows),
                 "best_runs": table(["model", "input", "depth", "rank", "base_lr", "weight_decay",
                                     "epochs", "warmup_epochs", "seed", "selection_accuracy",
