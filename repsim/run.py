@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from repsim.data.base import ImageDataset
-    from repsim.evaluators.base import Evaluator
+    from repsim.evaluators.base import Evaluator, StreamingEvaluator
     from repsim.metrics.accumulate import SimilarityAccumulator
     from repsim.metrics.engine import SimilarityResult
     from repsim.models.base import LoadedModel, Preprocess
@@ -61,6 +61,15 @@ class CachePlan:
 
     def __bool__(self) -> bool:
         return bool(self.keys) or self.outputs
+
+
+@dataclass
+class Observer:
+    """A streaming evaluator and the layers it watches in each model."""
+
+    key: str
+    evaluator: StreamingEvaluator
+    layers: dict[str, list[str]]  # model label -> layers (raw outputs)
 
 
 def fingerprint(checked: CheckedRecipe) -> str:
@@ -126,6 +135,29 @@ class Run:
             plans[label] = ModelPlan(label, part.name, loaded, groups, self.recipe.reduce_of(label))
         return plans
 
+    def _observers(self, plans: dict[str, ModelPlan],
+                   evaluators: dict[str, Evaluator]) -> list[Observer]:
+        """Resolve the layers each streaming evaluator watches; models without them are noted."""
+        from repsim.evaluators.base import StreamingEvaluator
+        from repsim.plugins import registry
+
+        out = []
+        for key, ev in evaluators.items():
+            if not isinstance(ev, StreamingEvaluator):
+                continue
+            spec = ev.observes
+            part = registry("layer_selector").get(spec.selector)
+            layers: dict[str, list[str]] = {}
+            for label, plan in plans.items():
+                try:
+                    layers[label] = part.create(dict(spec.params)).select(plan.loaded)
+                except RepsimError as exc:
+                    note = f"evaluator '{key}' skips model '{label}': {exc}"
+                    self.notes.append(note)
+                    _say(f"note: {note}", self.quiet)
+            out.append(Observer(key, ev, layers))
+        return out
+
     def _cache_plans(self, plans: dict[str, ModelPlan],
                      evaluators: dict[str, Evaluator]) -> dict[str, CachePlan]:
         cache: dict[str, CachePlan] = {}
@@ -172,22 +204,24 @@ class Run:
             yield inputs, torch.as_tensor(labels)
 
     def _pass(self, split: str, dataset: ImageDataset, plans: dict[str, ModelPlan],
-              cache: CachePlan | None, accumulators: dict[str, SimilarityAccumulator]) -> None:
-        """One pass over a split: models forward once per batch; metrics and cache fed."""
+              cache: CachePlan | None, accumulators: dict[str, SimilarityAccumulator],
+              observers: Sequence[Observer] = ()) -> None:
+        """One pass over a split: models forward once per batch; metrics, cache and streaming
+        evaluators fed."""
         from tqdm import tqdm
 
         state_dir = self.dir / "cache" / split
         progress_file = state_dir / "progress.json"
         progress = store.read_json(progress_file) if progress_file.exists() else {}
         if progress.get("done"):
-            self._load_state(state_dir, accumulators)
+            self._load_state(state_dir, accumulators, observers)
             return
         limit = self.recipe.run.examples if split == EVAL else self.recipe.run.train_examples
         indices = self._indices(dataset, limit)
         bs = self.recipe.run.batch_size
         start = int(progress.get("batches", 0))
         if start:
-            self._load_state(state_dir, accumulators)
+            self._load_state(state_dir, accumulators, observers)
             _say(f"{split}: resuming after {start} saved batches", self.quiet)
         transforms = list(dict.fromkeys(p.loaded.preprocess for p in plans.values()))
         taps = {}
@@ -195,7 +229,10 @@ class Run:
             layers = list(plan.layers)
             if cache is not None and cache.outputs:
                 layers.append(OUTPUT)
+            for obs in observers:
+                layers += [x for x in obs.layers.get(label, []) if x not in layers]
             taps[label] = LayerTap(plan.loaded, layers)
+        infos = {label: _observe_info(plan) for label, plan in plans.items()}
         n_batches = -(-len(indices) // bs)
         bar = tqdm(total=n_batches, initial=start, desc=f"{split} pass", unit="batch",
                    disable=not self.progress, file=sys.stderr)
@@ -214,6 +251,10 @@ class Run:
                                                         plan.loaded.num_prefix_tokens, where)
                 if cache is not None:
                     self._fill_shard(shard, label, plan, raw, cache)
+                for obs in observers:
+                    for layer in obs.layers.get(label, []):
+                        obs.evaluator.observe(split, label, layer, raw[layer], labels,
+                                              infos[label])
             for acc in accumulators.values():
                 acc.update(feats)
             if cache is not None:
@@ -221,9 +262,9 @@ class Run:
             b += 1
             bar.update(1)
             if b % self.recipe.run.checkpoint_every == 0:
-                self._save_state(state_dir, accumulators, b, done=False)
+                self._save_state(state_dir, accumulators, b, done=False, observers=observers)
         bar.close()
-        self._save_state(state_dir, accumulators, b, done=True)
+        self._save_state(state_dir, accumulators, b, done=True, observers=observers)
 
     @staticmethod
     def _fill_shard(shard: dict[str, torch.Tensor], label: str, plan: ModelPlan,
@@ -245,8 +286,13 @@ class Run:
             shard[f"{label}|{OUTPUT}|raw"] = raw[OUTPUT].reshape(raw[OUTPUT].shape[0], -1).float()
 
     def _save_state(self, state_dir: Path, accumulators: dict[str, SimilarityAccumulator],
-                    batches: int, done: bool) -> None:
+                    batches: int, done: bool, observers: Sequence[Observer] = ()) -> None:
         import torch
+
+        for obs in observers:
+            state = obs.evaluator.state()
+            if state:
+                store.write_tensors(state_dir / f"observer_{obs.key}.safetensors", state)
 
         for key, acc in accumulators.items():
             tensors: dict[str, torch.Tensor] = {}
@@ -265,10 +311,16 @@ class Run:
         store.write_json(state_dir / "progress.json", {"batches": batches, "done": done})
 
     @staticmethod
-    def _load_state(state_dir: Path, accumulators: dict[str, SimilarityAccumulator]) -> None:
+    def _load_state(state_dir: Path, accumulators: dict[str, SimilarityAccumulator],
+                    observers: Sequence[Observer] = ()) -> None:
         from safetensors import safe_open
 
         from repsim.metrics.base import PairTerms
+
+        for obs in observers:
+            path = state_dir / f"observer_{obs.key}.safetensors"
+            if path.exists():
+                obs.evaluator.load_state(store.read_tensors(path))
 
         for key, acc in accumulators.items():
             path = state_dir / f"state_{key}.safetensors"
@@ -455,12 +507,18 @@ class Run:
             if metric.properties.streaming:
                 accumulators[key] = SimilarityAccumulator(
                     metric, {k: p.layers for k, p in plans.items()}, pairs, keep_batches=keep)
-        self._pass(EVAL, dataset, plans, cache.get(EVAL), accumulators)
+        observers = self._observers(plans, evaluators)
+
+        def watching(split: str) -> list[Observer]:
+            return [o for o in observers if split in o.evaluator.observes.splits]
+
+        self._pass(EVAL, dataset, plans, cache.get(EVAL), accumulators, watching(EVAL))
         splits = {EVAL: dataset}
-        for split in cache:
+        extra = list(cache) + [s for o in observers for s in o.evaluator.observes.splits]
+        for split in dict.fromkeys(extra):
             if split != EVAL:
                 splits[split] = dataset.with_split(split)
-                self._pass(split, splits[split], plans, cache[split], {})
+                self._pass(split, splits[split], plans, cache.get(split), {}, watching(split))
         ctx = DiskContext(self.dir / "cache", plans, splits, self.results, self.recipe.run.seed)
         self._similarity_results(plans, accumulators, ctx)
         self._run_evaluators({k: e for k, e in evaluators.items()}, ctx)
@@ -566,6 +624,12 @@ class DiskContext:
 
     def classes(self) -> list[str]:
         return list(self.splits[EVAL].classes)
+
+
+def _observe_info(plan: ModelPlan) -> dict[str, Any]:
+    grid = getattr(getattr(plan.loaded.module, "patch_embed", None), "grid_size", None)
+    return {"num_prefix_tokens": plan.loaded.num_prefix_tokens, "family": plan.loaded.family,
+            "grid_size": tuple(grid) if grid is not None else None}
 
 
 def _named_layers(plan: ModelPlan, names: Sequence[str]) -> list[str]:

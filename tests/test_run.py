@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import repsim
-from repsim import store
+from repsim import hookimpl, store
 from repsim.cli import cli
 from repsim.errors import RecipeError
 from repsim.plugins import registry
@@ -146,3 +146,81 @@ def test_evaluators_read_the_features_of_the_right_examples(write_recipe, tmp_pa
     assert got[0][header.index("accuracy")] == pytest.approx(expected, abs=1e-9)
     assert (run / "evaluators/knn/accuracy_per_block.png").is_file()
     assert (run / "evaluators/cka_vs_depth/result.json").is_file()
+
+
+class TokenMean:
+    """A toy streaming evaluator: the mean of each block's raw token outputs over all examples."""
+
+    def __init__(self) -> None:
+        from repsim.evaluators.base import FeatureNeeds, ObserveSpec, StreamingEvaluator
+
+        class _TokenMean(StreamingEvaluator):
+            needs = FeatureNeeds(splits=())
+            observes = ObserveSpec("blocks")
+
+            def __init__(self, params=None, name=None):
+                super().__init__(params, name)
+                self.sums: dict[str, torch.Tensor] = {}
+
+            def observe(self, split, model, layer, raw, labels, info):
+                assert info["num_prefix_tokens"] == 1 and info["grid_size"] == (4, 4)
+                key = f"{model}|{layer}"
+                total = raw.double().sum((0, 1))
+                count = torch.tensor([raw.shape[0] * raw.shape[1]], dtype=torch.float64)
+                prev = self.sums.get(key)
+                self.sums[key] = torch.cat([total, count]) if prev is None else \
+                    prev + torch.cat([total, count])
+
+            def state(self):
+                return dict(self.sums)
+
+            def load_state(self, state):
+                self.sums = dict(state)
+
+            def evaluate(self, ctx):
+                from repsim.evaluators.base import EvalResult
+
+                return EvalResult(protocol={}, tensors={
+                    k.replace("|", "/"): v[:-1] / v[-1] for k, v in self.sums.items()})
+
+        self.cls = _TokenMean
+
+    @hookimpl
+    def register_evaluators(self, register):
+        register("token_mean", lambda p: self.cls(p, "token_mean"))
+
+
+def test_streaming_evaluator_sees_raw_outputs_and_resumes(write_recipe, tmp_path: Path,
+                                                          register_plugin, monkeypatch) -> None:
+    register_plugin(TokenMean(), "token-mean-plugin")
+    path = write_recipe(extra='\n[[evaluators]]\nname = "token_mean"\n', run="checkpoint_every = 1")
+    from repsim.metrics import accumulate
+
+    original = accumulate.SimilarityAccumulator.update
+    calls = {"n": 0}
+
+    def failing_update(self, feats):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, feats)
+
+    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", failing_update)
+    with pytest.raises(KeyboardInterrupt):
+        Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", original)
+    run = Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    got = load_file(str(run / "evaluators/token_mean/tensors.safetensors"))
+
+    checked = check_recipe(path)
+    r = checked.recipe
+    ds = registry("dataset").get("synthetic").create({**r.data.params, "split": "val"})
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:40].tolist()
+    model = repsim.build_model("timm", **r.models["a"].params)
+    x = torch.stack([model.preprocess(ds[i][0]) for i in order])
+    with torch.inference_mode():
+        outs = model.module.forward_intermediates(x, norm=False, intermediates_only=True,
+                                                  return_prefix_tokens=True, output_fmt="NLC")
+    for i, (spatial, prefix) in enumerate(outs):
+        expected = torch.cat([prefix, spatial], dim=1).double().mean((0, 1))
+        torch.testing.assert_close(got[f"a/blocks.{i}"], expected, atol=1e-5, rtol=0)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
+from repsim.evaluators.base import (
+    EvalContext,
+    Evaluator,
+    EvalResult,
+    FeatureNeeds,
+    ObserveSpec,
+    StreamingEvaluator,
+)
 
 
 def evaluate(name: str, ctx: EvalContext, **params: Any) -> EvalResult:
@@ -20,4 +27,5 @@ def evaluate(name: str, ctx: EvalContext, **params: Any) -> EvalResult:
     return evaluator.evaluate(ctx)
 
 
-__all__ = ["EvalContext", "EvalResult", "Evaluator", "FeatureNeeds", "evaluate"]
+__all__ = ["EvalContext", "EvalResult", "Evaluator", "FeatureNeeds", "ObserveSpec",
+           "StreamingEvaluator", "evaluate"]

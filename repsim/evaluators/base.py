@@ -8,7 +8,7 @@ comes through :class:`EvalContext`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -100,6 +100,43 @@ class Evaluator(ABC):
 
     @abstractmethod
     def evaluate(self, ctx: EvalContext) -> EvalResult: ...
+
+
+@dataclass(frozen=True)
+class ObserveSpec:
+    """Raw layer outputs a streaming evaluator watches during the data pass.
+
+    The run picks the layers of every model with the layer selector ``selector`` (a registry
+    name, e.g. ``"attn_maps"`` or ``"blocks"``) and ``params``; a model the selector finds nothing
+    in is skipped with a note. Those outputs go only to the evaluator, never to the metrics.
+    """
+
+    selector: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    splits: tuple[str, ...] = ("eval",)
+
+
+class StreamingEvaluator(Evaluator):
+    """An evaluator that sees raw outputs (tokens, attention maps) batch by batch during the pass.
+
+    For statistics that need the unreduced outputs, which are too large to cache (ViT-B attention
+    maps are 1.9 MB per image and block). State must be additive tensors returned by ``state``, so
+    an interrupted run resumes with it.
+    """
+
+    observes: ObserveSpec
+
+    @abstractmethod
+    def observe(self, split: str, model: str, layer: str, raw: torch.Tensor,
+                labels: torch.Tensor, info: Mapping[str, Any]) -> None:
+        """One batch of one layer. ``info``: ``num_prefix_tokens``, ``family``, ``grid_size``."""
+
+    @abstractmethod
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything observed so far, as tensors (saved with the run's resumable state)."""
+
+    @abstractmethod
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 def output_dir_of(run_dir: Path, evaluator: str) -> Path:
