@@ -143,3 +143,8 @@ def test_list_kinds(runner, kind: str) -> None:
 
 def test_list_unknown_kind(runner) -> None:
     assert_user_error(runner.invoke(cli, ["list", "gizmos"]), "gizmos")
+
+
+def test_unknown_timm_architecture_suggests(runner) -> None:
+    assert_user_error(runner.invoke(cli, ["layers", "timm", "-p", "arch=vit_tiny_patch16_22"]),
+                      "no architecture 'vit_tiny_patch16_22'", "'vit_tiny_patch16_224'")

@@ -54,11 +54,14 @@ def build_timm(params: TimmParams) -> LoadedModel:
     from repsim.errors import RecipeError
     from repsim.models.checkpoints import load_into
 
-    if not timm.list_models(params.arch):
-        close = timm.list_models(f"*{params.arch.split('_')[0]}*")[:5]
+    if not timm.is_model(params.arch):
+        import difflib
+
+        close = difflib.get_close_matches(params.arch, timm.list_models(), n=5, cutoff=0.6)
         raise RecipeError(
-            f"timm has no architecture '{params.arch}'. Similar: {', '.join(close) or 'none'}. "
-            "`python -c \"import timm; print(timm.list_models('vit_*'))\"` lists them."
+            f"timm has no architecture '{params.arch}'."
+            + (f" Did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+            + " `python -c \"import timm; print(timm.list_models('vit_*'))\"` lists them."
         )
     torch.manual_seed(params.seed)
     module = timm.create_model(params.arch, pretrained=False, **params.kwargs)
