@@ -64,11 +64,8 @@ def test_run_writes_results_equal_to_an_independent_computation(runner, write_re
     assert "HSIC_1" in desc["estimator"] and desc["batch_size"] == 8 and desc["examples"] == 40
 
 
-def test_interrupted_run_resumes_to_the_same_values(write_recipe, tmp_path: Path,
-                                                    monkeypatch) -> None:
-    path = write_recipe(run="checkpoint_every = 1")
-    reference = Run(check_recipe(path), tmp_path / "ref", progress=False, quiet=True).execute()
-
+def run_interrupted_then_resumed(path: Path, out: Path, monkeypatch) -> Path:
+    """Stop a run (checkpoint_every = 1) while it feeds its third batch, then rerun it."""
     from repsim.metrics import accumulate
 
     original = accumulate.SimilarityAccumulator.update
@@ -82,11 +79,18 @@ def test_interrupted_run_resumes_to_the_same_values(write_recipe, tmp_path: Path
 
     monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", failing_update)
     with pytest.raises(KeyboardInterrupt):
-        Run(check_recipe(path), tmp_path / "resumed", progress=False, quiet=True).execute()
-    progress = store.read_json(tmp_path / "resumed/cache/eval/progress.json")
-    assert progress == {"batches": 2, "done": False}
+        Run(check_recipe(path), out, progress=False, quiet=True).execute()
+    assert store.read_json(out / "cache/eval/progress.json") == {"batches": 2, "done": False}
     monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", original)
-    Run(check_recipe(path), tmp_path / "resumed", progress=False, quiet=True).execute()
+    return Run(check_recipe(path), out, progress=False, quiet=True).execute()
+
+
+def test_interrupted_run_resumes_to_the_same_values(write_recipe, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    path = write_recipe(run="checkpoint_every = 1")
+    reference = Run(check_recipe(path), tmp_path / "ref", progress=False, quiet=True).execute()
+
+    run_interrupted_then_resumed(path, tmp_path / "resumed", monkeypatch)
     a = load_file(str(reference / "similarity/minibatch_cka/a__b.safetensors"))
     b = load_file(str(tmp_path / "resumed/similarity/minibatch_cka/a__b.safetensors"))
     for key in a:
@@ -194,22 +198,7 @@ def test_streaming_evaluator_sees_raw_outputs_and_resumes(write_recipe, tmp_path
                                                           register_plugin, monkeypatch) -> None:
     register_plugin(TokenMean(), "token-mean-plugin")
     path = write_recipe(extra='\n[[evaluators]]\nname = "token_mean"\n', run="checkpoint_every = 1")
-    from repsim.metrics import accumulate
-
-    original = accumulate.SimilarityAccumulator.update
-    calls = {"n": 0}
-
-    def failing_update(self, feats):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, feats)
-
-    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", failing_update)
-    with pytest.raises(KeyboardInterrupt):
-        Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
-    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", original)
-    run = Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    run = run_interrupted_then_resumed(path, tmp_path / "run", monkeypatch)
     got = load_file(str(run / "evaluators/token_mean/tensors.safetensors"))
 
     checked = check_recipe(path)
