@@ -11,7 +11,7 @@ from repsim.metrics.engine import (
     SimilarityResult,
     check_batch_size,
     check_features,
-    terms_from_embeddings,
+    terms_from_groups,
     undefined_notes,
 )
 
@@ -70,9 +70,10 @@ class SimilarityAccumulator:
         if n < metric.min_batch_size:  # a short last batch: too few examples for the estimator
             self.dropped += n
             return
-        embedded = {m: [[metric.embed(t[None])] for t in ts] for m, ts in checked.items()}
+        # Each model's layers embedded once ([L, 1, m]), then one GEMM per model pair.
+        embedded = {m: metric.embed_many([t[None] for t in ts]) for m, ts in checked.items()}
         for a, b in self.pairs:
-            part = terms_from_embeddings(embedded[a], embedded[b], self.keep_batches)
+            part = terms_from_groups([embedded[a]], [embedded[b]], self.keep_batches)
             part.n_examples = n
             old = self.terms.get((a, b))
             self.terms[(a, b)] = part if old is None else old + part

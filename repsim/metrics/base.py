@@ -39,6 +39,7 @@ class MetricProperties:
     estimator: str
     min_examples: int = 2
     symmetric: bool = True
+    min_features: int = 1  # features per example the estimator needs (RSA's Pearson: 3)
 
     def as_info(self) -> dict[str, Any]:
         return {
@@ -81,7 +82,11 @@ class PairTerms:
 
 
 class Metric(ABC):
-    """A similarity (or distance) index between two layers' features."""
+    """A similarity (or distance) index between two layers' features.
+
+    ``properties`` is a class attribute; a metric whose parameters change those facts (a distance
+    option, a debiased estimator) assigns ``self.properties`` in ``__init__``.
+    """
 
     properties: ClassVar[MetricProperties]
 
@@ -103,11 +108,14 @@ class Metric(ABC):
         xs: Sequence[torch.Tensor],
         ys: Sequence[torch.Tensor],
         batch_size: int | None = None,
+        row_names: Sequence[str] | None = None,
+        col_names: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Values for every pair ``(xs[i], ys[j])`` as a float64 ``[len(xs), len(ys)]`` tensor.
 
         Every tensor is ``[N, D]`` with the same N. Streaming metrics read ``batch_size``
-        (consecutive minibatches); the others use all N examples at once.
+        (consecutive minibatches); the others use all N examples at once. The names (one per
+        tensor) go into error messages; unusable input raises :class:`repsim.errors.FeatureError`.
         """
 
 
@@ -125,6 +133,16 @@ class StreamingMetric(Metric):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, n, D]`` features → ``[B, m]`` float64 embeddings."""
 
+    def embed_many(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Several layers' ``[B, n, D_l]`` features (same B, n) → ``[L, B, m]`` float64.
+
+        The engine calls this once per group of equal-sized batches; override it to share work
+        across layers (the built-in CKAs write every layer into one preallocated buffer).
+        """
+        import torch
+
+        return torch.stack([self.embed(x) for x in xs])
+
     def finalize(self, terms: PairTerms) -> torch.Tensor:
         """Default: the normalised inner product (CKA form); undefined pairs are NaN."""
         denom = (terms.self_rows[:, None] * terms.self_cols[None, :]).sqrt()
@@ -135,7 +153,11 @@ class StreamingMetric(Metric):
         xs: Sequence[torch.Tensor],
         ys: Sequence[torch.Tensor],
         batch_size: int | None = None,
+        row_names: Sequence[str] | None = None,
+        col_names: Sequence[str] | None = None,
     ) -> torch.Tensor:
         from repsim.metrics.engine import pair_terms_from_features
 
-        return self.finalize(pair_terms_from_features(self, xs, ys, batch_size))
+        terms = pair_terms_from_features(self, xs, ys, batch_size, row_names=row_names,
+                                         col_names=col_names)
+        return self.finalize(terms)

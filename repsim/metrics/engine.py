@@ -32,6 +32,13 @@ class SimilarityResult:
     notes: list[str] = field(default_factory=list)
     terms: PairTerms | None = None
 
+    def confidence_interval(self, n_resamples: int = 2000, confidence: float = 0.95,
+                            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bootstrap ``(low, high)`` over minibatches; needs ``keep_batches=True``."""
+        from repsim.metrics.inference import bootstrap_cka
+
+        return bootstrap_cka(self, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
     def to_json(self) -> dict[str, Any]:
         vals = [[None if v != v else float(v) for v in row] for row in self.values.tolist()]
         return {
@@ -44,19 +51,26 @@ class SimilarityResult:
         }
 
 
-def check_features(x: torch.Tensor, what: str) -> torch.Tensor:
-    """Flatten past dim 0 and refuse NaN/Inf, naming the layer."""
+def as_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Flatten past dim 0 (a 1-d tensor is one feature) and make integer features float."""
     import torch
 
     if x.ndim == 1:
         x = x[:, None]
     x = x.reshape(x.shape[0], -1)
-    if not torch.is_floating_point(x):
-        x = x.float()
+    return x if torch.is_floating_point(x) else x.float()
+
+
+def check_features(x: torch.Tensor, what: str, metric: str | None = None) -> torch.Tensor:
+    """Flatten past dim 0 and refuse NaN/Inf, naming the layer (and the metric, if given)."""
+    import torch
+
+    x = as_matrix(x)
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        where = f"metric '{metric}', {what}" if metric else what
         raise FeatureError(
-            f"{what}: features contain NaN or Inf in {bad} of {x.shape[0]} examples. Check the "
+            f"{where}: features contain NaN or Inf in {bad} of {x.shape[0]} examples. Check the "
             "model's weights and input normalisation, or select another layer."
         )
     return x
@@ -89,18 +103,26 @@ def check_batch_size(metric: Metric, batch_size: int, n: int) -> None:
         )
 
 
+def embed_groups(metric: StreamingMetric, xs: Sequence[torch.Tensor],
+                 batch_size: int) -> list[torch.Tensor]:
+    """Embeddings of several layers' consecutive minibatches, ``[L, B, m]`` per group: the full
+    batches, then the last partial batch (if it has at least ``min_batch_size`` examples)."""
+    n = xs[0].shape[0]
+    full = n // batch_size
+    groups = []
+    if full:
+        groups.append(metric.embed_many(
+            [x[: full * batch_size].reshape(full, batch_size, -1) for x in xs]))
+    rest = n - full * batch_size
+    if rest >= metric.min_batch_size:
+        groups.append(metric.embed_many([x[full * batch_size :].reshape(1, rest, -1) for x in xs]))
+    return groups
+
+
 def embed_layer(metric: StreamingMetric, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Embeddings of one layer's consecutive minibatches: full batches as one ``[B, m]`` tensor,
     then the last partial batch (if it has at least ``min_batch_size`` examples) as ``[1, m']``."""
-    n = x.shape[0]
-    full = n // batch_size
-    out = []
-    if full:
-        out.append(metric.embed(x[: full * batch_size].reshape(full, batch_size, -1)))
-    rest = n - full * batch_size
-    if rest >= metric.min_batch_size:
-        out.append(metric.embed(x[full * batch_size :].reshape(1, rest, -1)))
-    return out
+    return [g[0] for g in embed_groups(metric, [x], batch_size)]
 
 
 def dropped_examples(metric: StreamingMetric, n: int, batch_size: int) -> int:
@@ -108,27 +130,54 @@ def dropped_examples(metric: StreamingMetric, n: int, batch_size: int) -> int:
     return rest if rest < metric.min_batch_size else 0
 
 
+def _squared_norms(e: torch.Tensor) -> torch.Tensor:
+    """``[L, B, m]`` → per-batch squared norms ``[L, B]`` without an ``e*e`` temporary."""
+    import torch
+
+    return torch.linalg.vector_norm(e, dim=-1).square()
+
+
+def terms_from_groups(ga: Sequence[torch.Tensor], gb: Sequence[torch.Tensor],
+                      keep_batches: bool = False) -> PairTerms:
+    """Pair terms from stacked embeddings, ``ga[group]`` ``[La, B, m]`` and ``gb[group]``
+    ``[Lb, B, m]``: one GEMM per group gives every layer pair."""
+    import torch
+
+    total: PairTerms | None = None
+    for a, b in zip(ga, gb):
+        nb = a.shape[1]
+        sa, sb = _squared_norms(a), _squared_norms(b)  # [La, B], [Lb, B]
+        if keep_batches:
+            per = torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0))  # [B, La, Lb]
+            part = PairTerms(per.sum(0), sa.sum(1), sb.sum(1), nb, 0, [per], [sa.T], [sb.T])
+        else:
+            cross = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
+            part = PairTerms(cross, sa.sum(1), sb.sum(1), nb)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("no embedded batches")
+    return total
+
+
 def terms_from_embeddings(
-    ea: list[torch.Tensor], eb: list[torch.Tensor], keep_batches: bool = False
+    ea: list[list[torch.Tensor]], eb: list[list[torch.Tensor]], keep_batches: bool = False
 ) -> PairTerms:
     """Pair terms from per-layer embedding lists (``ea[layer][group] -> [B, m]``)."""
     import torch
 
-    total: PairTerms | None = None
-    for g in range(len(ea[0])):
-        a = torch.stack([layer[g] for layer in ea])  # [La, B, m]
-        b = torch.stack([layer[g] for layer in eb])  # [Lb, B, m]
-        nb = a.shape[1]
-        if keep_batches:
-            per = torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0))  # [B, La, Lb]
-            sa, sb = (a * a).sum(-1).T, (b * b).sum(-1).T  # [B, La], [B, Lb]
-            part = PairTerms(per.sum(0), sa.sum(0), sb.sum(0), nb, 0, [per], [sa], [sb])
-        else:
-            cross = a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
-            part = PairTerms(cross, (a * a).sum((1, 2)), (b * b).sum((1, 2)), nb)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
+    groups = range(len(ea[0]))
+    return terms_from_groups([torch.stack([layer[g] for layer in ea]) for g in groups],
+                             [torch.stack([layer[g] for layer in eb]) for g in groups],
+                             keep_batches)
+
+
+def _take(e: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """Rows ``index`` of ``e``: a view when they are consecutive (the common case)."""
+    if index == list(range(index[0], index[0] + len(index))):
+        return e[index[0] : index[0] + len(index)]
+    import torch
+
+    return e.index_select(0, torch.tensor(index, device=e.device))
 
 
 def pair_terms_from_features(
@@ -142,38 +191,80 @@ def pair_terms_from_features(
 ) -> PairTerms:
     """Additive terms of a streaming metric for all pairs of two layer lists held in memory.
 
-    A tensor passed on both sides (self-comparison) is embedded once.
+    A tensor passed on both sides (self-comparison) is embedded once. NaN/Inf features raise
+    :class:`FeatureError` naming metric and layer; the check reads the small sums rather than
+    the features (a NaN or Inf reaches every sum of its layer), which saves a pass over them.
+    A layer without variation gets zero self-terms, hence NaN values (see ``undefined_notes``).
     """
     row_names = list(row_names or [f"row layer {i}" for i in range(len(xs))])
     col_names = list(col_names or [f"column layer {j}" for j in range(len(ys))])
-    checked: dict[int, torch.Tensor] = {}
-    for t, name in [*zip(xs, row_names), *zip(ys, col_names)]:
-        if id(t) not in checked:
-            checked[id(t)] = check_features(t, name)
-    n = check_same_n({name: checked[id(t)] for t, name in
-                      [*zip(xs, row_names), *zip(ys, col_names)]})
+    named = [*zip(xs, row_names), *zip(ys, col_names)]
+    unique: dict[int, int] = {}
+    tensors: list[torch.Tensor] = []
+    names: list[str] = []
+    for t, name in named:
+        if id(t) not in unique:
+            unique[id(t)] = len(tensors)
+            tensors.append(as_matrix(t))
+            names.append(name)
+    n = check_same_n(dict(zip(names, tensors)))
     bs = n if batch_size is None else int(batch_size)
     check_batch_size(metric, bs, n)
-    embedded = {key: embed_layer(metric, t, bs) for key, t in checked.items()}
-    terms = terms_from_embeddings([embedded[id(x)] for x in xs], [embedded[id(y)] for y in ys],
-                                  keep_batches)
-    terms.n_examples = n - dropped_examples(metric, n, bs)
+    groups = embed_groups(metric, tensors, bs)
+    ia, ib = [unique[id(x)] for x in xs], [unique[id(y)] for y in ys]
+    terms = terms_from_groups([_take(g, ia) for g in groups], [_take(g, ib) for g in groups],
+                              keep_batches)
+    dropped = dropped_examples(metric, n, bs)
+    terms.n_examples = n - dropped
+    if dropped:  # examples of a short last batch reach no sum: check them directly
+        for t, name in zip(tensors, names):
+            check_features(t[n - dropped :], name, metric.name)
+    for value, i in [*zip(terms.self_rows.tolist(), ia), *zip(terms.self_cols.tolist(), ib)]:
+        if value != value or value in (float("inf"), float("-inf")):
+            check_features(tensors[i], names[i], metric.name)
+            raise FeatureError(
+                f"metric '{metric.name}', {names[i]}: the features overflow float32 in the Gram "
+                "matrix (values above ~1e19). Rescale the features before comparing them."
+            )
     return terms
 
 
-def undefined_notes(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str],
-                    terms: PairTerms | None) -> list[str]:
-    """Say which layers make values undefined (NaN) and why."""
+def is_constant(x: torch.Tensor) -> bool:
+    """Whether ``[N, D]`` features do not vary across examples beyond rounding of their dtype:
+    ``||x - mean||_F <= 16 eps ||x||_F`` (the full-batch metrics' rule)."""
     import torch
 
-    notes: list[str] = []
-    if terms is not None:
-        for i in torch.nonzero(terms.self_rows <= 0).flatten().tolist():
-            notes.append(f"row layer '{rows[i]}' has constant features: its similarity to every "
-                         "layer is undefined (NaN).")
-        for j in torch.nonzero(terms.self_cols <= 0).flatten().tolist():
-            notes.append(f"column layer '{cols[j]}' has constant features: its similarity to "
-                         "every layer is undefined (NaN).")
+    eps = torch.finfo(x.dtype).eps if torch.is_floating_point(x) else 0.0
+    x64 = x.double()
+    return bool(torch.linalg.norm(x64 - x64.mean(0)) <= 16 * eps * torch.linalg.norm(x64))
+
+
+def undefined_notes(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str],
+                    terms: PairTerms | None, *,
+                    constant: tuple[Sequence[bool], Sequence[bool]] | None = None) -> list[str]:
+    """Say which layers make values undefined (NaN) and why.
+
+    Constant layers come from ``constant`` (flags per row and column layer), else from zero
+    self-terms, else from rows (columns) that are entirely NaN.
+    """
+    import torch
+
+    if constant is not None:
+        bad_rows = [i for i, c in enumerate(constant[0]) if c]
+        bad_cols = [j for j, c in enumerate(constant[1]) if c]
+    elif terms is not None:
+        bad_rows = torch.nonzero(terms.self_rows <= 0).flatten().tolist()
+        bad_cols = torch.nonzero(terms.self_cols <= 0).flatten().tolist()
+    else:
+        nan = torch.isnan(values)
+        bad_rows = torch.nonzero(nan.all(1)).flatten().tolist() if values.shape[1] else []
+        bad_cols = torch.nonzero(nan.all(0)).flatten().tolist() if values.shape[0] else []
+        if len(bad_rows) == values.shape[0] or len(bad_cols) == values.shape[1]:
+            bad_rows, bad_cols = [], []  # an all-NaN matrix does not say which side is at fault
+    notes = [f"row layer '{rows[i]}' has constant features: its similarity to every layer is "
+             "undefined (NaN)." for i in bad_rows]
+    notes += [f"column layer '{cols[j]}' has constant features: its similarity to every layer "
+              "is undefined (NaN)." for j in bad_cols]
     if not notes and bool(torch.isnan(values).any()):
         pairs = torch.nonzero(torch.isnan(values)).tolist()[:5]
         listing = ", ".join(f"({rows[i]}, {cols[j]})" for i, j in pairs)
@@ -202,6 +293,7 @@ def similarity_matrix(
     row_names = [f"layer '{r}' (first input)" for r in rows]
     col_names = [f"layer '{c}' (second input)" for c in cols]
     terms = None
+    constant = None
     desc = metric.describe()
     if isinstance(metric, StreamingMetric):
         # A full-batch metric with the streaming form (linear_cka) gets one batch of everything.
@@ -212,9 +304,10 @@ def similarity_matrix(
         if bs is not None:
             desc["batch_size"] = bs
     else:
-        xs = [check_features(feats_a[r], name) for r, name in zip(rows, row_names)]
-        ys = [check_features(feats_b[c], name) for c, name in zip(cols, col_names)]
+        xs = [check_features(feats_a[r], name, metric.name) for r, name in zip(rows, row_names)]
+        ys = [check_features(feats_b[c], name, metric.name) for c, name in zip(cols, col_names)]
         check_same_n({**dict(zip(row_names, xs)), **dict(zip(col_names, ys))})
-        values = metric.matrix(xs, ys, batch_size)
-    notes = undefined_notes(values, rows, cols, terms)
+        values = metric.matrix(xs, ys, batch_size, row_names, col_names)
+        constant = ([is_constant(x) for x in xs], [is_constant(y) for y in ys])
+    notes = undefined_notes(values, rows, cols, terms, constant=constant)
     return SimilarityResult(values, rows, cols, metric.name, desc, notes, terms)
