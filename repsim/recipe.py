@@ -40,6 +40,7 @@ class RunSection(_Strict):
         "all", description="'all': every model pair incl. a model with itself; 'cross': distinct"
     )
     bootstrap: int = Field(0, ge=0, description="bootstrap resamples for CKA intervals (0: none)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
     checkpoint_every: int = Field(20, ge=1, description="batches between resumable state saves")
 

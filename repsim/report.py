@@ -28,10 +28,17 @@ def format_value(v: float) -> str:
 
 
 def matrix_table(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str],
-                 fmt: str = "github") -> str:
+                 fmt: str = "github",
+                 intervals: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
+    """The matrix as a table; with ``intervals`` each cell reads ``value [low, high]``."""
     from tabulate import tabulate
 
-    body = [[r, *(format_value(v) for v in row)] for r, row in zip(rows, values.tolist())]
+    cells = [[format_value(v) for v in row] for row in values.tolist()]
+    if intervals is not None:
+        lows, highs = intervals[0].tolist(), intervals[1].tolist()
+        cells = [[f"{c} [{format_value(lo)}, {format_value(hi)}]" for c, lo, hi in zip(*t)]
+                 for t in zip(cells, lows, highs)]
+    body = [[r, *row] for r, row in zip(rows, cells)]
     return tabulate(body, headers=["", *short_names(cols)], tablefmt=fmt, disable_numparse=True)
 
 

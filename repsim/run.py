@@ -367,12 +367,34 @@ class Run:
                                               undefined_notes(values, rows, cols, None))
                 result.description["metric_label"] = key
                 result.description["reduce"] = {a: plans[a].reduce, b: plans[b].reduce}
+                self._bootstrap(metric, result)
                 self.results[(key, a, b)] = result
                 self._write_similarity(key, a, b, result, plans)
                 for note in result.notes:
                     if note not in self.notes:
                         self.notes.append(note)
                         _say(f"note ({key}, {a} vs {b}): {note}", self.quiet)
+
+    def _bootstrap(self, metric: Any, result: SimilarityResult) -> None:
+        """Percentile intervals by resampling minibatches (metrics of the CKA form only)."""
+        from repsim.metrics.base import StreamingMetric
+        from repsim.metrics.inference import bootstrap_cka
+
+        n = self.recipe.run.bootstrap
+        if not n or result.terms is None or not result.terms.batch_cross:
+            return
+        if type(metric).finalize is not StreamingMetric.finalize:
+            result.notes.append(f"no bootstrap interval: '{metric.name}' is not of the CKA form.")
+            return
+        if result.terms.n_batches < 2:
+            result.notes.append("no bootstrap interval: it needs at least 2 minibatches.")
+            return
+        conf = self.recipe.run.confidence
+        low, high = bootstrap_cka(result, n_resamples=n, confidence=conf,
+                                  seed=self.recipe.run.seed)
+        result.description["bootstrap"] = {"resamples": n, "confidence": conf,
+                                           "unit": "minibatch", "interval": "percentile"}
+        result.intervals = (low, high)
 
     def _write_similarity(self, key: str, a: str, b: str, result: SimilarityResult,
                           plans: dict[str, ModelPlan]) -> None:
@@ -384,6 +406,8 @@ class Run:
         if result.terms is not None:
             tensors |= {"cross": result.terms.cross, "self_rows": result.terms.self_rows,
                         "self_cols": result.terms.self_cols}
+        if result.intervals is not None:
+            tensors |= {"ci_low": result.intervals[0], "ci_high": result.intervals[1]}
         store.write_tensors(base / f"{name}.safetensors", tensors,
                             {"rows": json.dumps(result.rows), "cols": json.dumps(result.cols)})
         data = result.to_json() | {"model_a": a, "model_b": b,
@@ -399,9 +423,14 @@ class Run:
             ci = [result.cols.index(x) for x in plans[b].groups[group]]
             sub = result.values[ri][:, ci]
             rows, cols = plans[a].groups[group], plans[b].groups[group]
-            store.write_text(self.dir / "tables" / key / f"{name}__{group}.md",
-                             f"# {key}: {a} (rows) vs {b} (columns), layers '{group}'\n\n"
-                             + matrix_table(sub, rows, cols) + "\n")
+            text = (f"# {key}: {a} (rows) vs {b} (columns), layers '{group}'\n\n"
+                    + matrix_table(sub, rows, cols) + "\n")
+            if result.intervals is not None:
+                conf = result.description["bootstrap"]["confidence"]
+                lo, hi = (t[ri][:, ci] for t in result.intervals)
+                text += (f"\n## {conf:.0%} bootstrap intervals (resampled minibatches)\n\n"
+                         + matrix_table(sub, rows, cols, intervals=(lo, hi)) + "\n")
+            store.write_text(self.dir / "tables" / key / f"{name}__{group}.md", text)
             store.write_figure(
                 self.dir / "figures" / key / f"{name}__{group}.png",
                 lambda sub=sub, rows=rows, cols=cols, group=group: heatmap(

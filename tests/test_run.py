@@ -213,3 +213,19 @@ def test_streaming_evaluator_sees_raw_outputs_and_resumes(write_recipe, tmp_path
     for i, (spatial, prefix) in enumerate(outs):
         expected = torch.cat([prefix, spatial], dim=1).double().mean((0, 1))
         torch.testing.assert_close(got[f"a/blocks.{i}"], expected, atol=1e-5, rtol=0)
+
+
+def test_bootstrap_intervals_are_written_and_equal_the_api(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(run="bootstrap = 300\nconfidence = 0.9")
+    run = Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    data = json.loads((run / "similarity/minibatch_cka/a__b.json").read_text())
+    assert data["description"]["bootstrap"]["confidence"] == 0.9
+    fa, fb = independent_features(path, "a"), independent_features(path, "b")
+    fa.pop("labels"), fb.pop("labels")
+    expected = repsim.similarity(fa, fb, batch_size=8, keep_batches=True)
+    low, high = expected.confidence_interval(n_resamples=300, confidence=0.9, seed=0)
+    torch.testing.assert_close(torch.tensor(data["ci_low"], dtype=torch.float64), low,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(data["ci_high"], dtype=torch.float64), high,
+                               atol=1e-5, rtol=0)
+    assert "bootstrap intervals" in (run / "tables/minibatch_cka/a__b__blocks.md").read_text()

@@ -31,6 +31,7 @@ class SimilarityResult:
     description: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     terms: PairTerms | None = None
+    intervals: tuple[torch.Tensor, torch.Tensor] | None = None  # bootstrap (low, high), if run
 
     def confidence_interval(self, n_resamples: int = 2000, confidence: float = 0.95,
                             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,15 +41,20 @@ class SimilarityResult:
         return bootstrap_cka(self, n_resamples=n_resamples, confidence=confidence, seed=seed)
 
     def to_json(self) -> dict[str, Any]:
-        vals = [[None if v != v else float(v) for v in row] for row in self.values.tolist()]
-        return {
+        def plain(t: torch.Tensor) -> list[list[float | None]]:
+            return [[None if v != v else float(v) for v in row] for row in t.tolist()]
+
+        out = {
             "metric": self.metric,
             "rows": self.rows,
             "cols": self.cols,
-            "values": vals,
+            "values": plain(self.values),
             "description": self.description,
             "notes": self.notes,
         }
+        if self.intervals is not None:
+            out["ci_low"], out["ci_high"] = plain(self.intervals[0]), plain(self.intervals[1])
+        return out
 
 
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
