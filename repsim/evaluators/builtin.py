@@ -7,8 +7,10 @@ imported when a recipe builds it.
 from __future__ import annotations
 
 from repsim.evaluators.base import Evaluator
-from repsim.evaluators.params import (AgreementParams, CkaDepthParams, KnnParams,
-                                      LinearProbeParams, MlpProbeParams, PathEfficiencyParams)
+from repsim.evaluators.params import (AgreementParams, AttentionCollapseParams,
+                                      AttentionDistanceParams, CkaDepthParams, FourierParams,
+                                      KnnParams, LinearProbeParams, MlpProbeParams,
+                                      PathEfficiencyParams)
 from repsim.hookspecs import Register, hookimpl
 
 
@@ -48,6 +50,24 @@ def _cka_vs_depth(params: CkaDepthParams) -> Evaluator:
     return CkaDepthEvaluator(params, "cka_vs_depth")
 
 
+def _attention_distance(params: AttentionDistanceParams) -> Evaluator:
+    from repsim.evaluators.attention import AttentionDistanceEvaluator
+
+    return AttentionDistanceEvaluator(params, "attention_distance")
+
+
+def _attention_collapse(params: AttentionCollapseParams) -> Evaluator:
+    from repsim.evaluators.attention import AttentionCollapseEvaluator
+
+    return AttentionCollapseEvaluator(params, "attention_collapse")
+
+
+def _fourier_features(params: FourierParams) -> Evaluator:
+    from repsim.evaluators.fourier import FourierEvaluator
+
+    return FourierEvaluator(params, "fourier_features")
+
+
 @hookimpl
 def register_evaluators(register: Register) -> None:
     register("knn", _knn, params=KnnParams,
@@ -73,3 +93,15 @@ def register_evaluators(register: Register) -> None:
              summary="CKA against relative-depth distance between models of different depth or "
                      "family (after the metrics)",
              reads=["similarity"])
+    register("attention_distance", _attention_distance, params=AttentionDistanceParams,
+             summary="Mean attention distance per ViT block and head (Park et al. 2023), "
+                     "streamed from the attention maps",
+             reads=["attention maps (streamed)"])
+    register("attention_collapse", _attention_collapse, params=AttentionCollapseParams,
+             summary="Attention collapse per ViT block and head: NMI between query and key "
+                     "positions, query and head cosine similarity (Park et al. 2023)",
+             reads=["attention maps (streamed)"])
+    register("fourier_features", _fourier_features, params=FourierParams,
+             summary="Δ log amplitude of high frequencies of the token maps per ViT block "
+                     "(Park et al. 2023 Fourier analysis), streamed",
+             reads=["block tokens (streamed)"])

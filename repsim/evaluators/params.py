@@ -140,3 +140,36 @@ class CkaDepthParams(_Params):
     pairs: list[tuple[str, str]] | None = None  # None: every unordered pair of models
     group: str | None = None  # restrict both models to one layer group (e.g. the blocks)
     bins: int = Field(10, ge=1)
+
+
+class AttentionParams(_Params):
+    """Streamed attention maps of ViT blocks (selector ``attn_maps``)."""
+
+    indices: list[int] | int | None = None  # blocks to watch (timm style); None: every block
+    split: str = "eval"
+
+
+class AttentionCollapseParams(AttentionParams):
+    """NMI and cosine similarities; ``eps = 1e-8`` reproduces Park et al.'s smoothing exactly."""
+
+    eps: float = Field(0.0, ge=0)  # added to the patch-to-patch weights before renormalising
+
+
+class AttentionDistanceParams(AttentionParams):
+    """Mean attention distance; ``pixels`` scales by each model's (square) patch size."""
+
+    unit: Literal["patches", "pixels"] = "patches"
+
+
+class FourierParams(_Params):
+    """Relative log amplitude of the 2-D Fourier transform of block token maps."""
+
+    split: str = "eval"
+    embedding: bool = True  # also the tokens entering block 0 (depth 0 in Park et al.'s figure)
+    # "log_amplitude": mean over channels and examples of log(|F| + eps), as Park et al.'s code;
+    # "amplitude": log(mean |F| + eps).
+    average: Literal["log_amplitude", "amplitude"] = "log_amplitude"
+    # "diagonal": frequencies (k, k), as Park et al.; "ring": the mean over every frequency whose
+    # larger axis component is k.
+    profile: Literal["diagonal", "ring"] = "diagonal"
+    eps: float = Field(1e-6, gt=0)
