@@ -656,9 +656,11 @@ class DiskContext:
 
 
 def _observe_info(plan: ModelPlan) -> dict[str, Any]:
-    grid = getattr(getattr(plan.loaded.module, "patch_embed", None), "grid_size", None)
+    embed = getattr(plan.loaded.module, "patch_embed", None)
+    grid, patch = getattr(embed, "grid_size", None), getattr(embed, "patch_size", None)
     return {"num_prefix_tokens": plan.loaded.num_prefix_tokens, "family": plan.loaded.family,
-            "grid_size": tuple(grid) if grid is not None else None}
+            "grid_size": tuple(grid) if grid is not None else None,
+            "patch_size": tuple(patch) if patch is not None else None}
 
 
 def _named_layers(plan: ModelPlan, names: Sequence[str]) -> list[str]:

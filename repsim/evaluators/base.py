@@ -129,7 +129,8 @@ class StreamingEvaluator(Evaluator):
     @abstractmethod
     def observe(self, split: str, model: str, layer: str, raw: torch.Tensor,
                 labels: torch.Tensor, info: Mapping[str, Any]) -> None:
-        """One batch of one layer. ``info``: ``num_prefix_tokens``, ``family``, ``grid_size``."""
+        """One batch of one layer. ``info``: ``num_prefix_tokens``, ``family``, ``grid_size``,
+        ``patch_size`` (the last two for ViTs, else None)."""
 
     @abstractmethod
     def state(self) -> dict[str, torch.Tensor]:
