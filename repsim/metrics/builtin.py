@@ -46,7 +46,7 @@ def register_metrics(register: Register) -> None:
          "Gaussian-kernel CKA on all examples, median-distance bandwidth; debiased option"),
         ("minibatch_rbf_cka", MinibatchRBFCKA, MinibatchRBFCKAParams,
          "Gaussian-kernel CKA, HSIC_1 summed over minibatches, per-batch median bandwidth"),
-        ("cca", CCA, CCAParams, "Mean canonical correlation (R²_CCA option); needs N > 2·rank"),
+        ("cca", CCA, CCAParams, "Mean canonical correlation (R²_CCA option); needs N > rank x + rank y"),
         ("svcca", SVCCA, SVCCAParams,
          "SVD to 99% of the variance, then mean canonical correlation (Raghu et al. 2017)"),
         ("pwcca", PWCCA, PWCCAParams,

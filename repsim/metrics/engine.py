@@ -31,6 +31,7 @@ class SimilarityResult:
     description: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     terms: PairTerms | None = None
+    intervals: tuple[torch.Tensor, torch.Tensor] | None = None  # bootstrap (low, high), if asked
     intervals: tuple[torch.Tensor, torch.Tensor] | None = None  # bootstrap (low, high), if run
 
     def confidence_interval(self, n_resamples: int = 2000, confidence: float = 0.95,
