@@ -114,3 +114,15 @@ def test_rbf_bandwidth_uses_numpy_median_of_all_entries(n: int) -> None:
         d2 = torch.cdist(x[b], x[b]).square().numpy()
         ref = np.exp(-d2 / (2 * 0.7**2 * np.median(d2)))
         np.testing.assert_allclose(got[b].numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_accumulator_gathers_features_for_full_batch_metrics() -> None:
+    from repsim.api import get_metric
+
+    models = {"a": layers(8, 96, 2), "b": layers(9, 96, 2)}
+    acc = SimilarityAccumulator(get_metric("cca"), {m: list(v) for m, v in models.items()},
+                                [("a", "b")])
+    for s in range(0, 96, 32):
+        acc.update({m: {k: v[s : s + 32] for k, v in f.items()} for m, f in models.items()})
+    expected = repsim.similarity(models["a"], models["b"], "cca").values
+    torch.testing.assert_close(acc.result("a", "b").values, expected, rtol=0, atol=1e-12)

@@ -11,6 +11,7 @@ from repsim.metrics.engine import (
     SimilarityResult,
     check_batch_size,
     check_features,
+    is_constant,
     terms_from_groups,
     undefined_notes,
 )
@@ -46,13 +47,14 @@ class SimilarityAccumulator:
         for model, names in self.layers.items():
             checked[model] = []
             for layer in names:
-                t = check_features(feats[model][layer], f"model '{model}', layer '{layer}'")
+                t = check_features(feats[model][layer], f"model '{model}', layer '{layer}'",
+                                   self.metric.name)
                 if n is None:
                     n = t.shape[0]
                 elif t.shape[0] != n:
                     raise FeatureError(
-                        f"model '{model}', layer '{layer}' gave {t.shape[0]} examples in a batch of "
-                        f"{n}; every layer must see the same examples."
+                        f"model '{model}', layer '{layer}' gave {t.shape[0]} examples in a batch "
+                        f"of {n}; every layer must see the same examples."
                     )
                 checked[model].append(t)
         if n is None:
@@ -85,6 +87,7 @@ class SimilarityAccumulator:
         desc = self.metric.describe()
         notes: list[str] = []
         terms = None
+        constant = None
         if self.streaming:
             if (a, b) not in self.terms:
                 raise FeatureError(
@@ -101,7 +104,9 @@ class SimilarityAccumulator:
         else:
             xs = [torch.cat(self._stored[a][r]) for r in rows]
             ys = [torch.cat(self._stored[b][c]) for c in cols]
-            values = self.metric.matrix(xs, ys, None)
+            values = self.metric.matrix(xs, ys, None, [f"model '{a}', layer '{r}'" for r in rows],
+                                        [f"model '{b}', layer '{c}'" for c in cols])
+            constant = ([is_constant(x) for x in xs], [is_constant(y) for y in ys])
             desc.update(examples=int(xs[0].shape[0]))
-        notes += undefined_notes(values, rows, cols, terms)
+        notes += undefined_notes(values, rows, cols, terms, constant=constant)
         return SimilarityResult(values, rows, cols, self.metric.name, desc, notes, terms)

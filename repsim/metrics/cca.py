@@ -122,7 +122,8 @@ class SVCCA(CCA):
 
         u, s = layer.svd()
         explained = np.cumsum(s**2) / np.sum(s**2)
-        k = int(np.searchsorted(explained, self.params.keep - 1e-12) + 1)  # type: ignore[union-attr]
+        keep = float(self.params.keep)  # type: ignore[union-attr]
+        k = int(np.searchsorted(explained, keep - 1e-12) + 1)
         return _Basis(layer, u[:, : min(k, u.shape[1])])
 
 
