@@ -12,7 +12,7 @@ and timed in this one process:
 - ``repsim``: ``repsim.similarity(feats_a, feats_b, "minibatch_cka", batch_size=32)``, the
   all-pairs matrix;
 - ``floor``: centring every batch of every layer and its float32 Gram GEMM, nothing else (the best
-  of one bmm per layer, a loop over batches, and L2-sized chunks of batches);
+  of one bmm per layer, a loop over batches, and chunks of batches of 1 MB and 1 MB per thread);
 - ``ckatorch``: ``ckatorch.core.cka_batch`` called on every layer pair (float64, the library's
   minibatch CKA);
 - ``torch-cka``: the loop of ``torch_cka.CKA.compare`` (batches outer, layer pairs inner, its
@@ -87,16 +87,21 @@ def floor_variants(feats: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
                 xc = xb - xb.mean(0)
                 torch.mm(xc, xc.T)
 
-    def chunks() -> None:
-        for x in feats:
-            xb = x.reshape(-1, BATCH, x.shape[1])
-            step = max(1, (1 << 20) // (BATCH * x.shape[1] * 4))
-            for s in range(0, xb.shape[0], step):
-                c = xb[s : s + step]
-                cc = c - c.mean(1, keepdim=True)
-                torch.bmm(cc, cc.transpose(1, 2))
+    def chunks(size: int) -> Callable[[], None]:
+        def run() -> None:
+            for x in feats:
+                xb = x.reshape(-1, BATCH, x.shape[1])
+                step = max(1, size // (BATCH * x.shape[1] * 4))
+                for s in range(0, xb.shape[0], step):
+                    c = xb[s : s + step]
+                    cc = c - c.mean(1, keepdim=True)
+                    torch.bmm(cc, cc.transpose(1, 2))
 
-    return {"bmm": bmm, "loop": loop, "chunks": chunks}
+        return run
+
+    # L2-sized chunks of batches, per thread and in all (1 MB: what repsim uses per thread).
+    sizes = sorted({1 << 20, (1 << 20) * torch.get_num_threads()})
+    return {"bmm": bmm, "loop": loop} | {f"chunks {s >> 20} MB": chunks(s) for s in sizes}
 
 
 # ----------------------------------------------------------------------------------- the peers

@@ -29,68 +29,76 @@ if TYPE_CHECKING:
 
 # Variation below this many float32 ulps of a batch's magnitude is rounding noise, not signal.
 _CONSTANT_RTOL = 16 * 1.1920929e-07
-# Centring and the Gram GEMM run on chunks of batches of about this size: measured on 2 cores,
-# chunks that stay in L2 beat one big bmm by 2x at 12480-d (the centred copy never reaches DRAM)
-# and tie with it at 768-d.
-_CHUNK_BYTES = 1 << 20
+# Centring and the Gram GEMM run on chunks of batches of about this size per thread: measured on
+# 2 cores, chunks that stay in L2 beat one big bmm by 2x at 12480-d (the centred copy never
+# reaches DRAM) and tie with it at 768-d; fewer, larger chunks mean fewer parallel regions.
+_CHUNK_BYTES_PER_THREAD = 1 << 20
 
 
-def _grams_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Centred linear Grams of ``[B, n, D]`` into float64 ``out`` ``[B, n, n]``; returns the
-    squared norm of each batch's first example (the scale for the constant test), float64."""
+def _chunk_bytes() -> int:
+    import torch
+
+    return _CHUNK_BYTES_PER_THREAD * torch.get_num_threads()
+
+
+def _grams_into(x: torch.Tensor, out: torch.Tensor, first_norm: torch.Tensor) -> None:
+    """Centred linear Grams of ``[B, n, D]`` features into float32 ``out`` ``[B, n, n]``, and
+    the norm of each batch's first example into float32 ``first_norm`` ``[B]`` (the scale of the
+    constant test)."""
     import torch
 
     b, n, d = x.shape
-    g32 = torch.empty(b, n, n, dtype=torch.float32, device=x.device)
-    step = max(1, _CHUNK_BYTES // max(1, n * d * 4))
+    step = max(1, _chunk_bytes() // max(1, n * d * 4))
     for s in range(0, b, step):
         xb = x[s : s + step].float()
         xc = xb - xb.mean(dim=1, keepdim=True)
-        torch.bmm(xc, xc.transpose(1, 2), out=g32[s : s + step])
-    out.copy_(g32)
-    return torch.linalg.vector_norm(x[:, 0, :], dim=-1, dtype=torch.float64).square()
+        torch.bmm(xc, xc.transpose(1, 2), out=out[s : s + step])
+    torch.linalg.vector_norm(x[:, 0, :].float(), dim=-1, out=first_norm)
 
 
-def _zero_constant_(gram: torch.Tensor, first_sq: torch.Tensor) -> torch.Tensor:
-    """Zero the Grams ``[..., n, n]`` of batches constant to within rounding.
+def _constant(gram: torch.Tensor, first_norm: torch.Tensor) -> torch.Tensor:
+    """Which batches of Grams ``[..., n, n]`` come from features constant to within rounding.
 
-    A batch is constant when ``||x - mean||_F <= rtol · sqrt(n) · ||x_0||``: for a constant batch
-    ``||x||_F² = n ||x_0||²`` exactly, and the test needs no second pass over the features.
-    """
-    n = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    constant = trace <= _CONSTANT_RTOL**2 * n * first_sq
-    if bool(constant.any()):
-        gram[constant] = 0.0
-    return gram
-
-
-def centred_grams(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, n, D]`` → linear Gram matrices of the batch-centred features, ``[B, n, n]`` float64.
-
-    The GEMM runs in float32 on centred features (precise enough, and the time floor); batches
-    whose features are constant to within rounding get an exactly-zero Gram. ``out`` (float64
-    ``[B, n, n]``) receives the result when given.
+    The test is ``||x - mean||²_F <= rtol² · n · ||x_0||²``. When it holds, x_0 is within
+    rtol·sqrt(n) of the mean, so ``n ||x_0||²`` is ``||x||²_F`` to that precision: this is the
+    relative test ``||x - mean||_F <= rtol ||x||_F``, without a second pass over the features.
     """
     import torch
 
-    if out is None:
-        out = torch.empty(x.shape[0], x.shape[1], x.shape[1], dtype=torch.float64,
-                          device=x.device)
-    return _zero_constant_(out, _grams_into(x, out))
+    n = gram.shape[-1]
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
+    return trace <= _CONSTANT_RTOL**2 * n * first_norm.double().square()
+
+
+def centred_grams(x: torch.Tensor) -> torch.Tensor:
+    """``[B, n, D]`` → linear Gram matrices of the batch-centred features, ``[B, n, n]`` float64.
+
+    The GEMM runs in float32 on centred features (precise enough, and the time floor); batches
+    whose features are constant to within rounding get an exactly-zero Gram.
+    """
+    import torch
+
+    b, n = x.shape[:2]
+    g32 = torch.empty(b, n, n, dtype=torch.float32, device=x.device)
+    first = torch.empty(b, dtype=torch.float32, device=x.device)
+    _grams_into(x, g32, first)
+    gram = g32.double()
+    gram[_constant(gram, first)] = 0.0
+    return gram
 
 
 def _u_centre_(k: torch.Tensor) -> torch.Tensor:
-    """In-place U-centring of ``[..., n, n]`` float64 symmetric kernels, scaled by
-    1/sqrt(n(n-3)) (see :func:`u_centre`)."""
+    """In-place U-centring of symmetric kernels ``[..., n, n]``, scaled by 1/sqrt(n(n-3)) (see
+    :func:`u_centre`); the input diagonal is ignored. Row sums are taken in float64."""
+    import torch
+
     n = k.shape[-1]
     if n < 4:
         raise ValueError(f"HSIC_1 needs at least 4 examples per batch, got {n}")
-    k.diagonal(dim1=-2, dim2=-1).zero_()
-    row = k.sum(-1)  # symmetric, so column sums are the same
+    row = k.sum(-1, dtype=torch.float64) - k.diagonal(dim1=-2, dim2=-1)  # off-diagonal sums
     # u_ij = k_ij - (r_i + r_j)/(n-2) + t/((n-1)(n-2)): split the constant between the two terms.
     row -= row.sum(-1, keepdim=True) / (2 * (n - 1))
-    row *= 1.0 / (n - 2)
+    row = (row * (1.0 / (n - 2))).to(k.dtype)
     k.sub_(row[..., :, None]).sub_(row[..., None, :])
     k.diagonal(dim1=-2, dim2=-1).zero_()
     return k.mul_((1.0 / (n * (n - 3))) ** 0.5)
@@ -140,14 +148,15 @@ def rbf_from_gram_(gram: torch.Tensor, threshold: float) -> torch.Tensor:
 class _KernelCKA(StreamingMetric):
     """A CKA whose embedding is one centred kernel matrix per batch, flattened.
 
-    ``embed_many`` writes every layer's centred linear Grams into one preallocated float64
-    buffer and applies ``_finish_`` (kernel, centring) in place to groups of layers of about
-    ``_CHUNK_BYTES``, right after their Grams, while they are still in cache: few, cache-resident
-    tensor operations, no stacking copies.
+    ``embed_many`` forms the float32 Grams of a group of layers (about ``_chunk_bytes()`` of
+    float64 output) and right away, while they are in cache, ``_finish`` turns them (in place)
+    into the final float64 embedding in one preallocated buffer for all layers: few,
+    cache-resident tensor operations, and no stacking copies.
     """
 
-    def _finish_(self, grams: torch.Tensor) -> None:
-        """Turn centred linear Grams ``[..., n, n]`` into the metric's embedding, in place."""
+    def _finish(self, grams: torch.Tensor, out: torch.Tensor) -> None:
+        """Float32 centred linear Grams ``[..., n, n]`` (may be overwritten) → the float64
+        embedding in ``out``."""
         raise NotImplementedError
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,14 +167,18 @@ class _KernelCKA(StreamingMetric):
 
         b, n = xs[0].shape[:2]
         out = torch.empty(len(xs), b, n, n, dtype=torch.float64, device=xs[0].device)
-        first_sq = torch.empty(len(xs), b, dtype=torch.float64)
-        group = max(1, _CHUNK_BYTES // (b * n * n * 8))
+        first = torch.empty(len(xs), b, dtype=torch.float32, device=xs[0].device)
+        group = max(1, min(len(xs), _chunk_bytes() // (b * n * n * 8)))
+        g32 = torch.empty(group, b, n, n, dtype=torch.float32, device=xs[0].device)
         for start in range(0, len(xs), group):
             stop = min(start + group, len(xs))
-            for layer in range(start, stop):
-                first_sq[layer] = _grams_into(xs[layer], out[layer])
-            grams = out[start:stop]
-            self._finish_(_zero_constant_(grams, first_sq[start:stop]))
+            for i in range(start, stop):
+                _grams_into(xs[i], g32[i - start], first[i])
+            grams = g32[: stop - start]
+            constant = _constant(grams, first[start:stop])  # before _finish changes grams
+            self._finish(grams, out[start:stop])
+            if bool(constant.any()):  # the embedding of a zero Gram is zero
+                out[start:stop][constant] = 0.0
         return out.reshape(len(xs), b, n * n)
 
 
@@ -187,8 +200,10 @@ class MinibatchCKA(_KernelCKA):
         min_examples=4,
     )
 
-    def _finish_(self, grams: torch.Tensor) -> None:
-        _u_centre_(grams)
+    def _finish(self, grams: torch.Tensor, out: torch.Tensor) -> None:
+        # U-centring the float32 Grams in cache rounds each entry to ~1e-7 of its size, as the
+        # Gram GEMM itself does; the inner products and sums over batches are float64.
+        out.copy_(_u_centre_(grams))
 
 
 class LinearCKAParams(BaseModel):
@@ -222,10 +237,11 @@ class LinearCKA(_KernelCKA):
                 type(self).properties, range=(-1.0, 1.0), min_examples=4,
                 estimator="unbiased HSIC_1 (Song et al. 2012) on all examples at once")
 
-    def _finish_(self, grams: torch.Tensor) -> None:
+    def _finish(self, grams: torch.Tensor, out: torch.Tensor) -> None:
         if self.debiased:
             _u_centre_(grams)
-        # Else: centring the features centres the Gram (HKH); 1/(n-1)^2 cancels in CKA.
+        # Centring the features centres the Gram (HKH); 1/(n-1)^2 cancels in CKA.
+        out.copy_(grams)
 
     def matrix(
         self,
@@ -264,8 +280,8 @@ class RBFCKA(LinearCKA):
                 estimator="unbiased HSIC_1 on Gaussian kernels, σ = threshold·sqrt(median squared "
                 "distance over all n² pairs), all examples at once")
 
-    def _finish_(self, grams: torch.Tensor) -> None:
-        kernel = rbf_from_gram_(grams, self.threshold)
+    def _finish(self, grams: torch.Tensor, out: torch.Tensor) -> None:
+        kernel = rbf_from_gram_(out.copy_(grams), self.threshold)
         if self.debiased:
             _u_centre_(kernel)
         else:
@@ -294,6 +310,6 @@ class MinibatchRBFCKA(_KernelCKA):
         super().__init__(params, name or "minibatch_rbf_cka")
         self.threshold = float(params.threshold)
 
-    def _finish_(self, grams: torch.Tensor) -> None:
-        _u_centre_(rbf_from_gram_(grams, self.threshold))
+    def _finish(self, grams: torch.Tensor, out: torch.Tensor) -> None:
+        _u_centre_(rbf_from_gram_(out.copy_(grams), self.threshold))
 
