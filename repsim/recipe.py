@@ -56,6 +56,7 @@ class LayerGroup(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     selector: str = "glob"
+    reduce: Reduction | None = None  # this group's token reduction (default: the model's)
 
     @property
     def params(self) -> dict[str, Any]:

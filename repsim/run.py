@@ -43,6 +43,10 @@ class ModelPlan:
     loaded: LoadedModel
     groups: dict[str, list[str]]
     reduce: str
+    layer_reduce: dict[str, str] = field(default_factory=dict)  # group overrides, per layer
+
+    def reduce_for(self, layer: str) -> str:
+        return self.layer_reduce.get(layer, self.reduce)
 
     @property
     def layers(self) -> list[str]:
@@ -120,7 +124,8 @@ class Run:
             loaded = part.build(params)
             if not loaded.name:
                 loaded.name = label
-            groups = {}
+            groups, layer_reduce = {}, {}
+            specs = self.recipe.groups_of(label)
             for group, (sel_part, sel_params) in self.checked.selectors[label].items():
                 selector = sel_part.build(sel_params)
                 try:
@@ -129,10 +134,17 @@ class Run:
                     raise type(exc)(f"models.{label}, layer group '{group}': {exc}") from None
                 if chosen:  # an empty override (`norm1 = []`) leaves a group out for this model
                     groups[group] = chosen
+                for layer in chosen if specs[group].reduce else []:
+                    if layer_reduce.setdefault(layer, specs[group].reduce) != specs[group].reduce:
+                        raise RecipeError(
+                            f"models.{label}: layer '{layer}' is in two layer groups with "
+                            f"different reductions ('{layer_reduce[layer]}' and "
+                            f"'{specs[group].reduce}'); give both groups the same `reduce`.")
             if not groups:
                 raise RecipeError(f"models.{label}: every layer group is empty for this model; "
                                   "select at least one layer.")
-            plans[label] = ModelPlan(label, part.name, loaded, groups, self.recipe.reduce_of(label))
+            plans[label] = ModelPlan(label, part.name, loaded, groups, self.recipe.reduce_of(label),
+                                     layer_reduce)
         return plans
 
     def _observers(self, plans: dict[str, ModelPlan],
@@ -166,15 +178,15 @@ class Run:
         if full_metrics:
             cp = cache.setdefault(EVAL, CachePlan())
             for m in plans.values():
-                cp.keys.update((m.label, layer, m.reduce) for layer in m.layers)
+                cp.keys.update((m.label, layer, m.reduce_for(layer)) for layer in m.layers)
         for ev in evaluators.values():
             for split in ev.needs.splits:
                 cp = cache.setdefault(split, CachePlan())
                 for m in plans.values():
-                    reductions = ev.needs.reductions or (m.reduce,)
                     layers = m.layers if ev.needs.layers is None else \
                         _named_layers(m, ev.needs.layers)
-                    cp.keys.update((m.label, layer, r) for layer in layers for r in reductions)
+                    cp.keys.update((m.label, layer, r) for layer in layers
+                                   for r in ev.needs.reductions or (m.reduce_for(layer),))
                 cp.outputs |= ev.needs.output
         return cache
 
@@ -247,7 +259,7 @@ class Run:
                 feats[label] = {}
                 for layer in plan.layers:
                     where = f"model '{label}', layer '{layer}'"
-                    feats[label][layer] = reduce_output(raw[layer], plan.reduce,
+                    feats[label][layer] = reduce_output(raw[layer], plan.reduce_for(layer),
                                                         plan.loaded.num_prefix_tokens, where)
                 if cache is not None:
                     self._fill_shard(shard, label, plan, raw, cache)
@@ -278,7 +290,7 @@ class Run:
             try:
                 t = reduce_output(raw[layer], reduction, plan.loaded.num_prefix_tokens, where)
             except FeatureError:
-                if reduction == plan.reduce:
+                if reduction == plan.reduce_for(layer):
                     raise
                 continue  # an extra reduction an evaluator asked for that this layer lacks
             shard[f"{label}|{layer}|{reduction}"] = check_features(t, where).float()
@@ -359,14 +371,16 @@ class Run:
                     result = accumulators[key].result(a, b)
                 else:
                     rows, cols = plans[a].layers, plans[b].layers
-                    xs = [ctx.features(a, r, EVAL, plans[a].reduce) for r in rows]
-                    ys = [ctx.features(b, c, EVAL, plans[b].reduce) for c in cols]
+                    xs = [ctx.features(a, r, EVAL) for r in rows]
+                    ys = [ctx.features(b, c, EVAL) for c in cols]
                     values = metric.matrix(xs, ys, None)
                     desc = metric.describe() | {"examples": int(xs[0].shape[0])}
                     result = SimilarityResult(values, rows, cols, part.name, desc,
                                               undefined_notes(values, rows, cols, None))
                 result.description["metric_label"] = key
-                result.description["reduce"] = {a: plans[a].reduce, b: plans[b].reduce}
+                result.description["reduce"] = {
+                    m: {"model": plans[m].reduce, "layers": plans[m].layer_reduce}
+                    for m in (a, b)}
                 self._bootstrap(metric, result)
                 self.results[(key, a, b)] = result
                 self._write_similarity(key, a, b, result, plans)
@@ -482,6 +496,7 @@ class Run:
             "plugins": [{"name": p.name, "version": p.version, "builtin": p.builtin,
                          "error": p.error} for p in get_host().plugins.values()],
             "models": {label: {"model": p.registry_name, "reduce": p.reduce,
+                               "layer_reduce": p.layer_reduce,
                                "num_prefix_tokens": p.loaded.num_prefix_tokens,
                                "family": p.loaded.family,
                                "preprocess": p.loaded.preprocess.describe(),
@@ -503,7 +518,14 @@ class Run:
                     continue
                 vals = [float(res.values[res.rows.index(x), res.cols.index(y)])
                         for x, y in zip(ra, rb)]
-                row.append(sum(vals) / len(vals))
+                defined = [v for v in vals if v == v]
+                if not defined:
+                    row.append(float("nan"))
+                elif len(defined) < len(vals):  # say that undefined layers were left out
+                    row.append(f"{sum(defined) / len(defined):.3f} ({len(vals) - len(defined)} "
+                               "undefined)")
+                else:
+                    row.append(sum(defined) / len(defined))
             rows.append(row)
         return headers, rows
 
@@ -620,7 +642,7 @@ class DiskContext:
                  reduction: str | None = None) -> torch.Tensor:
         if model not in self.plans:
             raise KeyError(f"no model '{model}' in this run; models: {self.models}")
-        r = reduction or self.plans[model].reduce
+        r = reduction or self.plans[model].reduce_for(layer)
         what = f"features of model '{model}', layer '{layer}', reduction '{r}'"
         key = f"{model}|{layer}|{r}"
         if key not in self._cached_keys(split) and any(

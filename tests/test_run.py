@@ -229,3 +229,28 @@ def test_bootstrap_intervals_are_written_and_equal_the_api(write_recipe, tmp_pat
     torch.testing.assert_close(torch.tensor(data["ci_high"], dtype=torch.float64), high,
                                atol=1e-5, rtol=0)
     assert "bootstrap intervals" in (run / "tables/minibatch_cka/a__b__blocks.md").read_text()
+
+
+def test_a_layer_group_can_have_its_own_reduction(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(layers='blocks = "blocks.*"\nqkv = { patterns = ["blocks.*.attn.qkv"], '
+                               'reduce = "flatten" }',
+                        metrics='name = "linear_cka"')
+    run = Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    data = json.loads((run / "similarity/linear_cka/a__b.json").read_text())
+    assert data["description"]["reduce"]["a"] == {
+        "model": "cls", "layers": {f"blocks.{i}.attn.qkv": "flatten" for i in range(3)}}
+    checked = check_recipe(path)
+    r = checked.recipe
+    ds = registry("dataset").get("synthetic").create({**r.data.params, "split": "val"})
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:40].tolist()
+    feats = {}
+    for label in ("a", "b"):
+        model = repsim.build_model("timm", **r.models[label].params)
+        x = torch.stack([model.preprocess(ds[i][0]) for i in order])
+        with torch.inference_mode():
+            blk = model.module.blocks[0]
+            h = model.module.norm_pre(model.module._pos_embed(model.module.patch_embed(x)))
+            feats[label] = blk.attn.qkv(blk.norm1(h)).flatten(1)
+    i, j = data["rows"].index("blocks.0.attn.qkv"), data["cols"].index("blocks.0.attn.qkv")
+    expected = repsim.functional.linear_cka(feats["a"], feats["b"])
+    assert data["values"][i][j] == pytest.approx(expected, abs=1e-5)
