@@ -1,0 +1,127 @@
+"""The entry point, the registered models as the core sees them, and the study evaluator."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from repsim.metrics.engine import SimilarityResult
+from repsim.plugins import registry
+
+ZOO = ["minizoo_dino", "minizoo_dino_ft", "minizoo_mae", "minizoo_mae_ft", "minizoo_mocov3",
+       "minizoo_mocov3_ft", "minizoo_msn", "minizoo_msn_ft", "minizoo_supervised",
+       "minizoo_untrained"]
+
+
+def test_registered_through_the_entry_point() -> None:
+    assert registry("model").names("minizoo*") == ZOO
+    assert "paper_observations" in registry("evaluator")
+    assert registry("model").get("minizoo_mae").provider == "repsim-minizoo"
+
+
+def test_plugin_import_does_not_import_torch() -> None:
+    code = ("import sys; from repsim.plugins import registry; registry('model'); "
+            "import repsim_minizoo.plugin; print('torch' in sys.modules, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_untrained_control_fits_the_core_layer_selectors() -> None:
+    from repsim.layers import LayerTap
+
+    model = registry("model").get("minizoo_untrained").create({"preset": "tiny"})
+    assert (model.family, model.num_prefix_tokens, model.preprocess.channels) == ("vit", 1, 1)
+    layers = []
+    for sel in ("blocks", "norm1", "attn_qkv", "mlp_fc1"):
+        layers += registry("layer_selector").get(sel).create({}).select(model)
+    assert "blocks.1.attn.qkv" in layers and "blocks.0.mlp.fc1" in layers
+    x = torch.stack([model.preprocess(torch.rand(1, 8, 8)) for _ in range(2)])
+    tap = LayerTap(model, layers)
+    with tap.attached():
+        out = tap.run(x)
+    assert out["blocks.0"].shape == (2, 17, 32)  # CLS + 4×4 patches, tiny width 32
+    same = registry("model").get("minizoo_untrained").create({"preset": "tiny"})
+    assert torch.equal(same.module.pos_embed, model.module.pos_embed)  # the seed fixes it
+
+
+def test_unknown_preset_is_a_recipe_error() -> None:
+    from repsim.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="preset"):
+        registry("model").get("minizoo_mae").validate({"preset": "huge"})
+
+
+class FakeContext:
+    """Enough of a finished run for the evaluator: zoo models, CKA results, block features."""
+
+    def __init__(self, roles: list[str], depth: int = 4) -> None:
+        self.models = [f"m_{r}" for r in roles]
+        self.seed = 0
+        types = {"blocks": "", "norm1": ".norm1", "attn_qkv": ".attn.qkv", "mlp_fc1": ".mlp.fc1"}
+        self._groups = {g: [f"blocks.{i}{s}" for i in range(depth)] for g, s in types.items()}
+        g = torch.Generator().manual_seed(0)
+        self._labels = {"train": torch.arange(60) % 3, "eval": torch.arange(30) % 3}
+        self._feats = {(m, layer, split, r): torch.randn(len(y), 8, generator=g)
+                       + 2 * torch.nn.functional.one_hot(y, 8).float()
+                       for m in self.models for layer in self.layers(m)
+                       for split, y in self._labels.items() for r in ("cls", "gap", "gap_no_cls")}
+
+    def layers(self, model: str) -> list[str]:
+        return [x for names in self._groups.values() for x in names]
+
+    def groups(self, model: str) -> dict[str, list[str]]:
+        return self._groups
+
+    def features(self, model: str, layer: str, split: str = "eval",
+                 reduction: str | None = None) -> torch.Tensor:
+        return self._feats[(model, layer, split, reduction or "cls")]
+
+    def labels(self, split: str = "eval") -> torch.Tensor:
+        return self._labels[split]
+
+    def similarity(self, metric: str, a: str, b: str) -> SimilarityResult:
+        layers = self.layers(a)
+        je = ("mocov3", "dino", "msn")
+        close = all(any(j in m for j in je) for m in (a, b))
+        values = torch.full((len(layers), len(layers)), 0.9 if close else 0.4, dtype=torch.float64)
+        return SimilarityResult(values, layers, layers, metric)
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        role = model.removeprefix("m_")
+        prov = {"path_efficiency": {"attn": 0.5 if role == "mae_ft" else 0.3}}
+        return {"model": f"minizoo_{role}", "provenance": prov}
+
+    def classes(self) -> list[str]:
+        return ["a", "b", "c"]
+
+
+def _evaluate(ctx: FakeContext) -> Any:
+    ev = registry("evaluator").get("paper_observations").create({})
+    assert ev.after_metrics and set(ev.needs.splits) == {"eval", "train"}
+    return ev.evaluate(ctx)
+
+
+def test_paper_observations_report_with_every_model() -> None:
+    res = _evaluate(FakeContext(["mocov3", "dino", "msn", "mae", "mae_ft", "mocov3_ft",
+                                 "supervised", "untrained"]))
+    report = res.data["report_md"]
+    assert report.startswith("# The papers' observations in miniature")
+    verdicts = [o["verdict"] for o in res.data["observations"]]
+    assert len(verdicts) == 5 and "not measured" not in verdicts
+    assert verdicts[0] == "holds"  # JE–JE 0.9 above JE–MAE 0.4 in the fake results
+    assert "0.900" in report and "0.400" in report
+    assert {"observations", "cka_pairs", "cka_by_layer_type", "knn", "finetuning",
+            "path_efficiency"} <= res.tables.keys()
+    headers, rows = res.tables["knn"]
+    assert headers[:2] == ["model", "reduction"] and len(rows) == 8 * 3
+    assert all(0 <= v <= 1 for row in rows for v in row[2:])
+
+
+def test_paper_observations_say_what_is_missing() -> None:
+    res = _evaluate(FakeContext(["mocov3", "supervised"]))
+    assert [o["verdict"] for o in res.data["observations"]] == ["not measured"] * 5
+    assert "Not measured" in res.data["report_md"]
