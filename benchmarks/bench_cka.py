@@ -21,7 +21,8 @@ and timed in this one process:
 A peer that cannot be imported is replaced by a faithful per-pair loop (float64 HSIC_1 of eq. 4
 per pair and batch), and the table says so. Peers on large cases run a subset of layer pairs
 within a time budget and are extrapolated to all pairs (column ``pairs run``). Times are the
-minimum over repeats, because the machine is shared and the minimum is the least disturbed run.
+minimum over interleaved repeats (CPU time with one thread, wall time with more), because the
+machine is shared and the minimum is the least disturbed run.
 
 Each model's layers are overlapping column windows of one pool ``Z W + noise`` (shared latent Z
 across models, so the values are not all near zero), which keeps the 36-layer, 4096 × 12480 case
@@ -61,14 +62,24 @@ def make_features(layers: int, n: int, d: int, seed: int = 0) -> tuple[dict, dic
     return feats[0], feats[1]
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pool
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def clock() -> float:
+    """CPU time of this process with one thread (robust when other jobs share the cores), wall
+    time with more (CPU time would add the threads up)."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Minimum time of each function over ``repeats`` interleaved rounds (after a warm-up), so
+    that a busy moment of the machine hits every contender alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    best = {k: math.inf for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            best[k] = min(best[k], clock() - t0)
+    return best
 
 
 # ----------------------------------------------------------------------------------- the floor
@@ -147,14 +158,14 @@ def run_ckatorch(fn: Callable, xs: list, ys: list, budget: float) -> tuple[float
     """Per-pair calls in row-major order until the budget is spent; returns (time, pairs, vals)."""
     nb = xs[0].shape[0] // BATCH
     vals: dict[tuple[int, int], float] = {}
-    t0 = time.perf_counter()
+    t0 = clock()
     for i, x in enumerate(xs):
         for j, y in enumerate(ys):
             xb, yb = x.reshape(nb, BATCH, -1), y.reshape(nb, BATCH, -1)
             vals[(i, j)] = float(fn(xb, yb))
-            if time.perf_counter() - t0 > budget:
-                return time.perf_counter() - t0, len(vals), vals
-    return time.perf_counter() - t0, len(vals), vals
+            if clock() - t0 > budget:
+                return clock() - t0, len(vals), vals
+    return clock() - t0, len(vals), vals
 
 
 def run_torch_cka(hsic: Callable | None, xs: list, ys: list, budget: float
@@ -166,7 +177,7 @@ def run_torch_cka(hsic: Callable | None, xs: list, ys: list, budget: float
     def corner(a: int, b: int) -> tuple[float, dict]:
         nb = xs[0].shape[0] // BATCH
         h = torch.zeros(a, b, 3)
-        t0 = time.perf_counter()
+        t0 = clock()
         for s in range(0, nb * BATCH, BATCH):
             for i in range(a):
                 x = xs[i][s : s + BATCH].flatten(1)
@@ -180,8 +191,7 @@ def run_torch_cka(hsic: Callable | None, xs: list, ys: list, budget: float
                     h[i, j, 1] += hsic(k, l) / nb
                     h[i, j, 2] += hsic(l, l) / nb
         cka = h[:, :, 1] / (h[:, :, 0].sqrt() * h[:, :, 2].sqrt())
-        return time.perf_counter() - t0, {(i, j): float(cka[i, j]) for i in range(a)
-                                          for j in range(b)}
+        return clock() - t0, {(i, j): float(cka[i, j]) for i in range(a) for j in range(b)}
 
     probe, _ = corner(1, 1)
     side = max(1, min(len(xs), int(math.sqrt(budget / max(probe, 1e-9)))))
@@ -246,17 +256,16 @@ def run_case(layers: int, n: int, d: int, repeats: int, budget: float,
         return repsim.similarity(fa, fb, "minibatch_cka", batch_size=BATCH).values
 
     values = ours()
-    floor_times = {k: best_time(f, repeats) for k, f in variants.items()}
-    t_ours = best_time(ours, repeats)
-    floor_kind = min(floor_times, key=floor_times.get)  # type: ignore[arg-type]
+    times = best_times({**variants, "repsim": ours}, repeats)
+    t_ours = times.pop("repsim")
+    floor_kind = min(times, key=times.get)  # type: ignore[arg-type]
     results = {}
     for name, (_, fn) in peers.items():
         runner = run_ckatorch if name == "ckatorch" else run_torch_cka
         elapsed, done, vals = runner(fn, xs, ys, budget)
         diff = max(abs(values[i, j].item() - v) for (i, j), v in vals.items())
         results[name] = (elapsed * layers * layers / done, done, layers * layers, diff)
-    return Row(f"{layers}x{layers} N={n} D={d}", t_ours, floor_times[floor_kind], floor_kind,
-               results)
+    return Row(f"{layers}x{layers} N={n} D={d}", t_ours, times[floor_kind], floor_kind, results)
 
 
 def main() -> None:
@@ -273,8 +282,10 @@ def main() -> None:
         memory_child(args.memory_child)
         return
     peers = load_peers()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    what = "CPU time" if torch.get_num_threads() == 1 else "wall time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({what}, best of "
+          f"{args.repeats}), batch {BATCH}, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")
     for name, (how, _) in peers.items():
         print(f"peer {name}: {how}")
     header = (f"{'case':<26}{'repsim s':>10}{'floor s':>9}{'/floor':>8}  "
@@ -292,10 +303,12 @@ def main() -> None:
                      f"{diff:>11.1e}  ")
         print(line + f"(floor: {r.floor_kind})", flush=True)
     print()
+    peaks = {}
     for n in (1024, 16384):
-        base, peak = measure_memory(n)
+        base, peaks[n] = measure_memory(n)
         print(f"streaming accumulator, 2 models x 12 layers x 768-d, N={n:>5}: peak RSS "
-              f"{peak:.0f} MB, growth after the first batch {peak - base:.1f} MB")
+              f"{peaks[n]:.0f} MB (growth after the first batch {peaks[n] - base:.1f} MB)")
+    print(f"peak memory at N=16384 minus at N=1024: {peaks[16384] - peaks[1024]:+.1f} MB")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,18 @@ def test_accumulator_gathers_features_for_full_batch_metrics() -> None:
         acc.update({m: {k: v[s : s + 32] for k, v in f.items()} for m, f in models.items()})
     expected = repsim.similarity(models["a"], models["b"], "cca").values
     torch.testing.assert_close(acc.result("a", "b").values, expected, rtol=0, atol=1e-12)
+
+
+def test_slices_of_batches_give_the_same_terms(monkeypatch: pytest.MonkeyPatch) -> None:
+    import repsim.metrics.engine as engine
+
+    fa, fb = layers(10, 150, 3), layers(11, 150, 2)  # 9 batches of 16, then 6
+    whole = repsim.similarity(fa, fb, batch_size=16, keep_batches=True)
+    monkeypatch.setattr(engine, "_SLICE_MIN_BATCHES", 1)
+    monkeypatch.setattr(engine, "_SLICE_BYTES_PER_THREAD", 1)  # one batch per slice
+    assert len(engine.batch_slices(150, 16, 4, 5)) == 10
+    sliced = repsim.similarity(fa, fb, batch_size=16, keep_batches=True)
+    torch.testing.assert_close(sliced.values, whole.values, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat(sliced.terms.batch_cross),
+                               torch.cat(whole.terms.batch_cross), rtol=1e-12, atol=1e-15)
+    assert (sliced.terms.n_batches, sliced.terms.n_examples) == (10, 150)

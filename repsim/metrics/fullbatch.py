@@ -98,7 +98,7 @@ class FullBatchMetric(Metric):
                 eps = float(torch.finfo(x.dtype).eps)
                 layers[id(t)] = Layer(x.double().numpy(), eps, name)
                 constant[id(t)] = is_constant(x)
-        n = check_same_n({lay.name: lay.x for lay in layers.values()})
+        n = check_same_n({lay.name: lay.x for lay in layers.values()}, metric=self.name)
         need = self.properties.min_examples
         if n < need:
             raise FeatureError(f"metric '{self.name}': {n} examples are too few; it needs at least "
