@@ -51,6 +51,7 @@ class PaperObservations(Evaluator):
     def __init__(self, params: ObservationsParams, name: str = "paper_observations") -> None:
         super().__init__(params, name)
         self.p = params
+        self.undefined = 0  # CKA values left out of the means in the last evaluate()
         # k-NN per block on both splits; only the blocks group is cached for it
         self.needs = FeatureNeeds(splits=("eval", "train"), reductions=REDUCTIONS,
                                   layers=(params.blocks,))
@@ -77,7 +78,9 @@ class PaperObservations(Evaluator):
         except (FeatureError, LookupError):
             return None
         vals = [float(res.values[res.rows.index(x), res.cols.index(y)]) for x, y in zip(ga, gb)]
-        return sum(vals) / len(vals)
+        defined = [v for v in vals if v == v]  # NaN: a layer with constant features
+        self.undefined += len(vals) - len(defined)
+        return sum(defined) / len(defined) if defined else None
 
     def knn_table(self, ctx: EvalContext, models: dict[str, str]
                   ) -> dict[str, dict[str, list[float]]]:
@@ -97,6 +100,7 @@ class PaperObservations(Evaluator):
         from repsim.report import records_table
 
         p, roles = self.p, self.roles(ctx)
+        self.undefined = 0
         je = [r for r in JE if r in roles]
         findings: list[tuple[str, str, str]] = []  # (observation, verdict, evidence)
         sections: list[str] = []
@@ -232,10 +236,14 @@ class PaperObservations(Evaluator):
                  "train split → eval split. Tiny models on 8×8 digits: a miniature check of the "
                  "machinery and of the trends, not a replication.\n\n"
                  + records_table(*tables["observations"]) + "\n")
+        if self.undefined:
+            intro += (f"\n{self.undefined} undefined CKA values (layers with constant features, "
+                      "e.g. the CLS token before the first attention) were left out of the means; "
+                      "a `flatten` or `gap` reduction for those layer groups avoids them.\n")
         report = "\n".join([intro, *sections])
         protocol = {"metric": p.metric, "blocks": p.blocks, "layer_types": types, "k": p.k,
                     "knn_gap": p.knn_gap, "roles": roles, "knn_reductions": list(REDUCTIONS)}
-        data = {"report_md": report,
+        data = {"report_md": report, "undefined_cka_values_left_out": self.undefined,
                 "observations": [{"observation": o, "verdict": v, "measured": e}
                                  for o, v, e in findings],
                 "knn": knn}

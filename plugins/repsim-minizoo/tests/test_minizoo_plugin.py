@@ -58,8 +58,10 @@ def test_unknown_preset_is_a_recipe_error() -> None:
 class FakeContext:
     """Enough of a finished run for the evaluator: zoo models, CKA results, block features."""
 
-    def __init__(self, roles: list[str], depth: int = 4) -> None:
+    def __init__(self, roles: list[str], depth: int = 4,
+                 constant_layer: str | None = None) -> None:
         self.models = [f"m_{r}" for r in roles]
+        self.constant_layer = constant_layer  # its CKA is undefined (NaN)
         self.seed = 0
         types = {"blocks": "", "norm1": ".norm1", "attn_qkv": ".attn.qkv", "mlp_fc1": ".mlp.fc1"}
         self._groups = {g: [f"blocks.{i}{s}" for i in range(depth)] for g, s in types.items()}
@@ -88,6 +90,9 @@ class FakeContext:
         je = ("mocov3", "dino", "msn")
         close = all(any(j in m for j in je) for m in (a, b))
         values = torch.full((len(layers), len(layers)), 0.9 if close else 0.4, dtype=torch.float64)
+        if self.constant_layer:
+            values[layers.index(self.constant_layer)] = float("nan")
+            values[:, layers.index(self.constant_layer)] = float("nan")
         return SimilarityResult(values, layers, layers, metric)
 
     def model_info(self, model: str) -> dict[str, Any]:
@@ -125,3 +130,12 @@ def test_paper_observations_say_what_is_missing() -> None:
     res = _evaluate(FakeContext(["mocov3", "supervised"]))
     assert [o["verdict"] for o in res.data["observations"]] == ["not measured"] * 5
     assert "Not measured" in res.data["report_md"]
+
+
+def test_undefined_cka_values_are_left_out_and_said() -> None:
+    res = _evaluate(FakeContext(["mocov3", "dino", "mae"], constant_layer="blocks.0.norm1"))
+    by_type = {row[0]: row[1] for row in res.tables["cka_by_layer_type"][1]}
+    assert by_type["norm1"] == pytest.approx(0.4)  # the mean of the three defined blocks
+    # norm1 of mocov3–mae, dino–mae (JE–MAE) and mocov3–dino (JE–JE)
+    assert res.data["undefined_cka_values_left_out"] == 3
+    assert "undefined CKA values" in res.data["report_md"] and "nan" not in res.data["report_md"]

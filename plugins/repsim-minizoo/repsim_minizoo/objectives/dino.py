@@ -97,9 +97,10 @@ class DINO(Objective):
                               normalize(random_view(images, c.global2, g))])
         locals_ = torch.cat([normalize(random_view(images, c.local, g))
                              for _ in range(c.local_crops)]) if c.local_crops else None
-        student = list(self.head(self.vit(globals_)).split(b))
-        if locals_ is not None:  # smaller crops: fewer tokens, positions interpolated by timm
-            student += list(self.head(self.vit(locals_)).split(b))
+        # The backbone runs once per crop size (timm interpolates the positions for the smaller
+        # local crops); the head sees all crops together, as in DINO's MultiCropWrapper.
+        feats = [self.vit(globals_)] + ([self.vit(locals_)] if locals_ is not None else [])
+        student = list(self.head(torch.cat(feats)).split(b))
         with torch.no_grad():
             teacher = list(self.teacher_head(self.teacher_vit(globals_)).split(b))
         warm = min(progress / c.teacher_temp_warmup, 1.0) if c.teacher_temp_warmup else 1.0
