@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 PRETRAINED = ("mocov3", "dino", "mae", "msn", "supervised")
 FINETUNABLE = ("mocov3", "dino", "mae", "msn")
