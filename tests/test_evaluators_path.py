@@ -108,3 +108,19 @@ def test_default_layer_types_and_blocks(name, kind, block):
     assert found == kind
     m = re.search(DEFAULT_BLOCK, name)
     assert (m.group(1) if m else None) == block
+
+
+def test_snapshots_come_from_a_models_provenance(tmp_path) -> None:
+    from repsim.evaluators.context import InMemoryContext
+    from repsim.evaluators.params import PathEfficiencyParams
+    from repsim.evaluators.path import PathEfficiencyEvaluator
+
+    paths = []
+    for i, w in enumerate(([0.0, 0.0], [1.0, 0.0], [1.0, 1.0])):  # a right angle of equal legs
+        paths.append(str(tmp_path / f"epoch_{i}.safetensors"))
+        save_file({"blocks.0.attn.qkv.weight": torch.tensor(w)}, paths[-1])
+    ctx = InMemoryContext(models=["ft"], model_info={"ft": {"provenance": {"snapshots": paths}}})
+    ev = PathEfficiencyEvaluator(PathEfficiencyParams(models=["ft"]))
+    result = ev.evaluate(ctx)
+    row = next(r for r in result.tables["efficiency"][1] if r[0] == "ft" and r[1] == "all")
+    assert row[2] == pytest.approx(2 ** -0.5)

@@ -120,6 +120,9 @@ class PathEfficiencyParams(_Params):
     # (natural sort: epoch_2 before epoch_10). Several runs: `runs = {label = <same forms>}`.
     snapshots: str | list[str] | None = None
     runs: dict[str, str | list[str]] = Field(default_factory=dict)
+    # Recipe model labels whose builder recorded its fine-tuning snapshots in the model's
+    # provenance (`provenance["snapshots"]`, e.g. the minizoo `*_ft` entries).
+    models: list[str] = Field(default_factory=list)
     # Pretrained checkpoint (safetensors): only keys it holds with the same shape count.
     reference: str | None = None
     exclude: list[str] | None = None  # glob patterns; None: the new head and BatchNorm buffers

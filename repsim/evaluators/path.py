@@ -207,16 +207,23 @@ class PathEfficiencyEvaluator(Evaluator):
         super().__init__(params or PathEfficiencyParams(), name)
         self.memory_runs = dict(runs or {})
 
-    def _runs(self) -> dict[str, list[Snapshot]]:
+    def _runs(self, ctx: EvalContext) -> dict[str, list[Snapshot]]:
         p = self.params
         files: dict[str, str | list[str]] = dict(p.runs)
         if p.snapshots is not None:
             files["run"] = p.snapshots
+        for model in p.models:
+            snaps = ctx.model_info(model).get("provenance", {}).get("snapshots")
+            if not snaps:
+                raise FeatureError(
+                    f"evaluator '{self.name}': model '{model}' records no fine-tuning snapshots "
+                    "in its provenance; give the snapshot files with `snapshots` or `runs`.")
+            files[model] = list(snaps)
         out: dict[str, list[Snapshot]] = {k: list(find_snapshots(v)) for k, v in files.items()}
         out.update({k: list(v) for k, v in self.memory_runs.items()})
         if not out:
             raise FeatureError(f"evaluator '{self.name}': no snapshots; set `snapshots` (files, "
-                               "a glob or a folder) or `runs`.")
+                               "a glob or a folder), `runs`, or `models`.")
         return out
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
@@ -224,7 +231,7 @@ class PathEfficiencyEvaluator(Evaluator):
 
         p = self.params
         exclude = DEFAULT_EXCLUDE if p.exclude is None else tuple(p.exclude)
-        runs = self._runs()
+        runs = self._runs(ctx)
         reports = {label: path_efficiency_report(
             snaps, reference=p.reference, exclude=exclude, layer_types=p.layer_types,
             block_pattern=p.block_pattern or DEFAULT_BLOCK) for label, snaps in runs.items()}
