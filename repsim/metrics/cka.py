@@ -148,7 +148,7 @@ def rbf_from_gram_(gram: torch.Tensor, threshold: float) -> torch.Tensor:
 class _KernelCKA(StreamingMetric):
     """A CKA whose embedding is one centred kernel matrix per batch, flattened.
 
-    ``embed_many`` forms the float32 Grams of a group of layers (about ``_chunk_bytes()`` of
+    ``embed_many`` forms the float32 Grams of a group of layers (about ``4 · _chunk_bytes()`` of
     float64 output) and right away, while they are in cache, ``_finish`` turns them (in place)
     into the final float64 embedding in one preallocated buffer for all layers: few,
     cache-resident tensor operations, and no stacking copies.
@@ -168,7 +168,8 @@ class _KernelCKA(StreamingMetric):
         b, n = xs[0].shape[:2]
         out = torch.empty(len(xs), b, n, n, dtype=torch.float64, device=xs[0].device)
         first = torch.empty(len(xs), b, dtype=torch.float32, device=xs[0].device)
-        group = max(1, min(len(xs), _chunk_bytes() // (b * n * n * 8)))
+        # One group when called by the engine on a cache-sized slice of batches.
+        group = max(1, min(len(xs), 4 * _chunk_bytes() // (b * n * n * 8)))
         g32 = torch.empty(group, b, n, n, dtype=torch.float32, device=xs[0].device)
         for start in range(0, len(xs), group):
             stop = min(start + group, len(xs))

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+
 class Layer:
     """One layer's features as float64 numpy, with what the metrics derive from them."""
 
