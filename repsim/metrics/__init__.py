@@ -2,9 +2,11 @@
 
 from repsim.metrics.base import INVARIANCES, Metric, MetricProperties, PairTerms, StreamingMetric
 from repsim.metrics.engine import SimilarityResult, similarity_matrix
+from repsim.metrics.fullbatch import FullBatchMetric
 
 __all__ = [
     "INVARIANCES",
+    "FullBatchMetric",
     "Metric",
     "MetricProperties",
     "PairTerms",
