@@ -373,7 +373,9 @@ class Run:
                     rows, cols = plans[a].layers, plans[b].layers
                     xs = [ctx.features(a, r, EVAL) for r in rows]
                     ys = [ctx.features(b, c, EVAL) for c in cols]
-                    values = metric.matrix(xs, ys, None)
+                    values = metric.matrix(xs, ys, None,
+                                           [f"model '{a}', layer '{r}'" for r in rows],
+                                           [f"model '{b}', layer '{c}'" for c in cols])
                     desc = metric.describe() | {"examples": int(xs[0].shape[0])}
                     result = SimilarityResult(values, rows, cols, part.name, desc,
                                               undefined_notes(values, rows, cols, None))
