@@ -16,6 +16,8 @@ and some average per-batch CKA values, which is a different (biased) quantity.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
@@ -154,10 +156,10 @@ class _KernelCKA(StreamingMetric):
     cache-resident tensor operations, and no stacking copies.
     """
 
+    @abstractmethod
     def _finish(self, grams: torch.Tensor, out: torch.Tensor) -> None:
         """Float32 centred linear Grams ``[..., n, n]`` (may be overwritten) → the float64
         embedding in ``out``."""
-        raise NotImplementedError
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_many([x])[0]

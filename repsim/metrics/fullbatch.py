@@ -65,7 +65,8 @@ class FullBatchMetric(Metric):
         return layer
 
     def pair(self, a: Any, b: Any) -> float:
-        raise NotImplementedError
+        """The value of one pair of prepared layers; a subclass overrides this or ``values``."""
+        raise TypeError(f"metric class {type(self).__name__} must override pair() or values()")
 
     def values(self, rows: Sequence[Any], cols: Sequence[Any]) -> np.ndarray:
         """``[len(rows), len(cols)]`` values of prepared, non-constant layers."""
