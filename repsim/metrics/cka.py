@@ -17,7 +17,6 @@ and some average per-batch CKA values, which is a different (biased) quantity.
 from __future__ import annotations
 
 from abc import abstractmethod
-
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
