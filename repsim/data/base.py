@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -34,3 +35,15 @@ class ImageDataset(ABC):
     def describe(self) -> dict[str, object]:
         return {"dataset": self.name, "split": self.split, "examples": len(self),
                 "classes": len(self.classes)}
+
+
+def split_conflict(recipe_split: str, params: Mapping[str, Any]) -> str | None:
+    """The problem when a recipe's ``data.split`` and ``data.params.split`` differ, else None.
+
+    Only a ``data.split`` the recipe wrote can conflict: its default must not count.
+    """
+    if "split" not in params or params["split"] == recipe_split:
+        return None
+    return (f"data.split = {recipe_split!r} and data.params.split = {params['split']!r} name "
+            "different splits. Give the split once: remove `split` from data.params (or from "
+            "[data]), or make both the same.")

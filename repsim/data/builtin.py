@@ -12,9 +12,13 @@ from repsim.errors import DataError
 from repsim.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# Pillow's modes of one unsigned 16-bit channel (16-bit greyscale PNG, TIFF, PGM).
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 class TensorDataset(ImageDataset):
@@ -107,17 +111,78 @@ def build_synthetic(params: SyntheticParams) -> ImageDataset:
 class ImageFolderParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(description="folder of class subfolders, or of split folders of them")
-    split: str = Field("val", description="subfolder of root holding this split, if root has one")
+    split: str = Field("val", description="subfolder of root holding this split; a root without "
+                                          "split folders is the folder of this split")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir()]
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir())
+
+
+def _split_folders(root: Path) -> list[str]:
+    """The subfolders of ``root`` laid out as splits: no images of their own, class folders."""
+    return sorted(d.name for d in _subfolders(root)
+                  if not _holds_images(d) and any(_holds_images(c) for c in _subfolders(d)))
+
+
+def _no_split(root: Path, split: str, splits: list[str]) -> DataError:
+    if splits:
+        return DataError(
+            f"image folder '{root}' has no split folder '{split}'; its splits are "
+            f"{', '.join(splits)}. Name one of them as the split (e.g. `split = \"{splits[-1]}\"` "
+            f"in [data]), or give the folder holding the '{split}' split's class folders as "
+            "`root`.")
+    return DataError(
+        f"image folder '{root}' has no split folder '{split}': its subfolders are the classes of "
+        f"one split. Lay the splits out as '<root>/<split>/<class>/<image>' (e.g. "
+        f"'<root>/{split}/...') and give that <root> as `root`.")
+
+
+def _rgb8(img: Image.Image, path: Path) -> np.ndarray:
+    """The image as ``[H, W, 3]`` uint8; 16-bit greyscale is scaled to 8 bits, not clipped."""
+    import numpy as np
+
+    # Pillow's convert("RGB") clips 16- and 32-bit values at 255, so scale them here.
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "I":
+        v = np.asarray(img).astype(np.int64)
+        lo, hi = (int(v.min()), int(v.max())) if v.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise DataError(
+                f"cannot read image '{path}' faithfully: it is a 32-bit integer image (mode "
+                f"'I') with values {lo}..{hi}, outside the 16-bit range 0..65535 that is scaled "
+                "to 8 bits. Save it as an 8-bit or 16-bit image.")
+        # round(v / 257) in integers; 257 is odd, so no value falls halfway.
+        grey = ((v + 128) // 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "F" or img.mode.startswith("I"):
+        raise DataError(
+            f"cannot read image '{path}' faithfully: mode '{img.mode}' (floating-point or "
+            "wide integer pixels) has no defined white level to scale to 8 bits. Save it as an "
+            "8-bit or 16-bit image.")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 class ImageFolder(ImageDataset):
-    """Images in ``root/[split/]class/*.ext`` (the ImageNet layout); read lazily with Pillow."""
+    """Images in ``root/[split/]class/*.ext`` (the ImageNet layout); read lazily with Pillow.
+
+    ``root/split`` holds the split's class folders; a root without split folders holds them
+    itself. A root with split folders but none named ``split`` is refused, never read whole.
+    """
 
     def __init__(self, root: Path, split: str) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder '{root}' does not exist. Check `root` in the recipe.")
-        folder = root / split if (root / split).is_dir() else root
+        folder = root / split
+        if not folder.is_dir():
+            splits = _split_folders(root)
+            if splits:  # reading root would make its splits the classes
+                raise _no_split(root, split, splits)
+            folder = root
         self.root, self.name, self.split = root, f"imagefolder:{root}", split
         self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not self.classes:
@@ -138,23 +203,21 @@ class ImageFolder(ImageDataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        import numpy as np
         import torch
         from PIL import Image
 
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
-                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                arr = _rgb8(img, path)
         except OSError as exc:
             raise DataError(f"cannot read image '{path}': {exc}. Remove or replace the file.") \
                 from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, label
 
     def with_split(self, split: str) -> ImageDataset:
-        if not (self.root / split).is_dir():
-            raise DataError(f"image folder '{self.root}' has no split folder '{split}'. Put that "
-                            f"split's class folders in '{self.root / split}'.")
+        if not (self.root / split).is_dir():  # never fall back to root: it holds another split
+            raise _no_split(self.root, split, _split_folders(self.root))
         return ImageFolder(self.root, split)
 
 

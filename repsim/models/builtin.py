@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from repsim.hookspecs import Register, hookimpl
 from repsim.models.base import LoadedModel, Preprocess
 
 
 class PreprocessParams(BaseModel):
-    """Override of a model's input transform."""
+    """Override of a model's input transform: the fields given replace the model's own.
+
+    :meth:`over` applies only the fields given to a model's transform; :meth:`build` makes a
+    transform of these fields alone (unset: no resize or crop, ImageNet mean/std, bilinear).
+    """
 
     model_config = ConfigDict(extra="forbid")
     resize: int | None = None
@@ -25,8 +30,13 @@ class PreprocessParams(BaseModel):
     )
 
     def build(self) -> Preprocess:
+        """The transform of these fields alone."""
         return Preprocess(self.resize, self.crop, tuple(self.mean), tuple(self.std), self.channels,
                           self.interpolation)
+
+    def over(self, base: Preprocess) -> Preprocess:
+        """``base`` with only the fields given here (``model_fields_set``) replaced."""
+        return dataclasses.replace(base, **{k: getattr(self, k) for k in self.model_fields_set})
 
 
 class TimmParams(BaseModel):
@@ -36,6 +46,16 @@ class TimmParams(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model")
     preprocess: PreprocessParams | None = None
     seed: int = 0
+
+    @field_validator("kwargs")
+    @classmethod
+    def _square_img_size(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        size = kwargs.get("img_size")
+        if isinstance(size, (list, tuple)) and len(set(size)) > 1:
+            raise ValueError(
+                f"img_size = {tuple(size)} is not square, and repsim's preprocess centre-crops "
+                f"squares. Use a square img_size (e.g. img_size = {size[0]}).")
+        return kwargs
 
 
 class CallableParams(BaseModel):
@@ -68,21 +88,32 @@ def build_timm(params: TimmParams) -> LoadedModel:
     provenance: dict[str, Any] = {"arch": params.arch, "kwargs": params.kwargs}
     if params.checkpoint is not None:
         provenance.update(load_into(module, params.checkpoint))
+    preprocess = _timm_preprocess(module, params)
     if params.preprocess is not None:
-        preprocess = params.preprocess.build()
-    else:
-        cfg = module.pretrained_cfg or {}
-        size = cfg.get("input_size", (3, 224, 224))[-1]
-        crop_pct = cfg.get("crop_pct", 0.875)
-        preprocess = Preprocess(
-            resize=int(round(size / crop_pct)), crop=size,
-            mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-        )
+        preprocess = params.preprocess.over(preprocess)
     return LoadedModel(
         module, preprocess, name=params.arch,
         num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
         family=_family(module), provenance=provenance,
+    )
+
+
+def _timm_preprocess(module: Any, params: TimmParams) -> Preprocess:
+    """timm's eval transform for the created model (its pretrained_cfg, at its input size)."""
+    import math
+
+    from timm.data import resolve_model_data_config
+
+    # pretrained_cfg keeps the pretrained input size (224) when kwargs build the model for
+    # another one, so the size the model was built for comes from kwargs.img_size (square).
+    size = params.kwargs.get("img_size")
+    args = {} if size is None else {"img_size": int(size if isinstance(size, int) else size[0])}
+    cfg = resolve_model_data_config(module, args=args)
+    size = cfg["input_size"][-1]
+    return Preprocess(
+        resize=math.floor(size / cfg["crop_pct"]),  # as timm's transforms_factory scales
+        crop=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
     )
 
 
