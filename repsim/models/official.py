@@ -1,20 +1,8 @@
 """Official self-supervised checkpoints → timm / torchvision backbones, loaded exactly.
 
-Layouts, from the authors' code:
-
-- MoCo-v3 (``main_moco.py``, ``builder.py``): ``state_dict`` with ``module.base_encoder.``,
-  ``module.momentum_encoder.`` and ``module.predictor.``; the encoders' ``head.N`` (ViT) / ``fc.N``
-  (ResNet) is the projector. Linear-eval files: ``state_dict`` with ``module.`` and a kept
-  ``head``/``fc`` classifier. ``convert_to_deit.py`` output: ``model`` with bare names.
-- DINO (``main_dino.py``): bare backbone state dict, or ``teacher``/``student`` holding
-  ``backbone.`` and ``head.`` (the DINO head), the student (and a ResNet teacher) under ``module.``.
-- MAE (``main_pretrain.py``/``main_finetune.py``): ``model``; pre-training adds ``decoder_*`` and
-  ``mask_token``; fine-tuned models pool patch tokens into ``fc_norm`` and keep ``head``.
-- MSN (``msn_train.py``): ``target_encoder``/``encoder`` under ``module.`` with a projector ``fc.``;
-  ``prototypes`` at the top level.
-- ConvNeXt-V2 FCMAE (``fcmae.py``, ``utils.remap_checkpoint_keys``): ``model`` with ``encoder.``
-  (a MinkowskiEngine network: ``*.kernel`` tensors, ``ln``/``linear`` wrappers, ``[1, C]`` biases
-  and GRN parameters) next to ``proj``, ``decoder``, ``mask_token`` and ``pred``.
+What each training method's files hold (containers, prefixes, dropped keys) is read from
+:data:`repsim.models.methods.METHODS`; this module holds the torch code: reading, converting,
+exact loading and the messages when a file does not fit.
 """
 
 from __future__ import annotations
@@ -24,7 +12,9 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +22,15 @@ import torch
 from torch import nn
 
 from repsim.errors import CheckpointError, RecipeError
-from repsim.models.base import LoadedModel, Preprocess
+from repsim.models.base import LoadedModel
 from repsim.models.checkpoints import Checkpoint, read_checkpoint
+from repsim.models.methods import DDP_PREFIX, METHODS
 from repsim.models.zoo import ENTRIES, ZooEntry, ZooParams
 
 # safetensors metadata written by `repsim convert`
 META_MODEL = "repsim_model"
 META_SOURCE = "repsim_source"
 META_PARAMS = "repsim_params"
-
-# Where each method keeps the network inside a training checkpoint ("{branch}" = the chosen one).
-_CONTAINERS: dict[str, tuple[str, ...]] = {
-    "mocov3": ("state_dict", "model"),
-    "dino": ("{branch}",),
-    "msn": ("{branch}",),
-    "mae": ("model",),
-    "mae_ft": ("model",),
-    "fcmae": ("model",),
-}
 
 
 @dataclass
@@ -76,7 +57,7 @@ def build_official(entry: ZooEntry, params: ZooParams) -> LoadedModel:
     classes = _head_classes(entry, extracted.state)
     module = _create(entry, classes, overrides)
     filled = _load_exact(entry, module, extracted.state, ckpt.path, overrides)
-    preprocess = params.preprocess.build() if params.preprocess else Preprocess.imagenet()
+    preprocess = params.preprocess.build() if params.preprocess else entry.training.preprocess
     provenance: dict[str, Any] = {
         "model": entry.name,
         "checkpoint": str(ckpt.path),
@@ -106,8 +87,8 @@ def build_official(entry: ZooEntry, params: ZooParams) -> LoadedModel:
 
 def extract(entry: ZooEntry, ckpt: Checkpoint, branch: str | None, explicit: bool) -> Extracted:
     """Pick the backbone out of an official file and rename it to timm / torchvision keys."""
-    data, path = ckpt.data, ckpt.path
-    names = [c.format(branch=branch) for c in _CONTAINERS[entry.method]]
+    data, path, method = ckpt.data, ckpt.path, entry.training
+    names = [c.format(branch=branch) for c in method.containers]
     container = next((c for c in names if isinstance(data.get(c), dict)), None)
     if container is None:
         others = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
@@ -118,7 +99,7 @@ def extract(entry: ZooEntry, ckpt: Checkpoint, branch: str | None, explicit: boo
                 f"entries: {', '.join(map(str, list(data)[:8]))}). Is it the file for model "
                 f"'{entry.name}' ({entry.checkpoint})?"
             )
-        if explicit and entry.method in ("dino", "msn"):
+        if explicit and method.branch_is_entry:
             raise CheckpointError(
                 f"branch '{branch}' was requested, but checkpoint '{path}' is a bare backbone "
                 "state dict (one network only). Use the full training checkpoint to choose a "
@@ -134,106 +115,124 @@ def extract(entry: ZooEntry, ckpt: Checkpoint, branch: str | None, explicit: boo
         ignored += [f"{container}/{k}" for k, v in data[container].items()
                     if not isinstance(v, torch.Tensor)]
         where = f"'{container}'"
-    prefix = "module." if state and all(k.startswith("module.") for k in state) else ""
-    state = {k[len(prefix):]: v for k, v in state.items()}
-    convert = _METHOD_CONVERTERS[entry.method]
-    kept, gone, note, used_branch = convert(entry, state, branch, explicit, path)
+    prefix = DDP_PREFIX if state and all(k.startswith(DDP_PREFIX) for k in state) else ""
+    selected = _select(entry, {k[len(prefix):]: v for k, v in state.items()}, branch, path)
+    kept, note, used_branch = _CONVERTERS[method.converter](entry, selected, branch, explicit, path)
     # DINO and MSN keep each branch in its own top-level entry; MoCo-v3 uses key prefixes.
     used_branch = branch if container == branch else used_branch
     layout = f"{where}, prefix '{prefix}' ({note})" if prefix else f"{where} ({note})"
-    return Extracted(kept, layout, dropped + [prefix + k for k in gone], ignored, used_branch)
+    return Extracted(kept, layout, dropped + [prefix + k for k in selected.dropped], ignored,
+                     used_branch)
 
 
 def _is_weight(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim > 0
 
 
-Converted = tuple[dict[str, torch.Tensor], list[str], str, "str | None"]
+@dataclass
+class Selected:
+    """The backbone's keys of a method's layout; ``nested`` is the backbone's prefix in a training
+    checkpoint (stripped), ``""`` in a file that holds the backbone alone."""
+
+    state: dict[str, torch.Tensor]
+    dropped: list[str]
+    nested: str
 
 
-def _split(state: dict[str, torch.Tensor], prefix: str
-           ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Keys under ``prefix`` (stripped) and the names of all the others."""
-    kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return kept, [k for k in state if not k.startswith(prefix)]
+def _select(entry: ZooEntry, state: dict[str, torch.Tensor], branch: str | None, path: Path
+            ) -> Selected:
+    """Keep the backbone: the keys under the method's nested prefix (if the file has it), minus
+    its training-only keys."""
+    method, head = entry.training, _head_key(entry)
+    nested, dropped = "", []
+    prefixes = tuple(method.nested.format(branch=b) for b in method.branches) or (method.nested,)
+    if method.nested and any(k.startswith(prefixes) for k in state):
+        nested = method.nested.format(branch=branch)
+        dropped = [k for k in state if not k.startswith(nested)]
+        state = {k[len(nested):]: v for k, v in state.items() if k.startswith(nested)}
+        if not state:
+            raise CheckpointError(f"checkpoint '{path}' has no '{branch}' encoder.")
+    drop = [p.format(head=head) for p in method.drop]
+    keep = [p.format(head=head) for p in method.keep]
+    gone = [k for k in state if any(fnmatchcase(k, p) for p in drop)
+            and not any(fnmatchcase(k, p) for p in keep)]
+    kept = {k: v for k, v in state.items() if k not in gone}
+    return Selected(kept, dropped + [nested + k for k in gone], nested)
 
 
 def _head_key(entry: ZooEntry) -> str:
     return "fc" if entry.arch == "resnet50" else "head"
 
 
-def _drop_projector(entry: ZooEntry, state: dict[str, torch.Tensor], prefix: str
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Drop ``head.N.*``/``fc.N.*`` (an MLP projector); keep ``head.weight``/``.bias`` (a
-    classifier)."""
-    head = _head_key(entry)
-    proj = [k for k in state if k.startswith(head + ".") and k not in (f"{head}.weight",
-                                                                       f"{head}.bias")]
-    return {k: v for k, v in state.items() if k not in proj}, [prefix + k for k in proj]
+# A converter finishes a method's selected keys: the state under target names, a note for the
+# provenance's layout, and the branch it loaded where the keys tell (MoCo-v3's prefixes).
+Converted = tuple[dict[str, torch.Tensor], str, "str | None"]
+Converter = Callable[[ZooEntry, Selected, "str | None", bool, Path], Converted]
+_CONVERTERS: dict[str, Converter] = {}
 
 
-def _mocov3(entry: ZooEntry, state: dict[str, torch.Tensor], branch: str | None, explicit: bool,
-            path: Path) -> Converted:
-    if any(k.startswith(("base_encoder.", "momentum_encoder.")) for k in state):
-        kept, gone = _split(state, f"{branch}.")
-        if not kept:
-            raise CheckpointError(f"checkpoint '{path}' has no '{branch}' encoder.")
-        kept, projector = _drop_projector(entry, kept, f"{branch}.")
-        return kept, gone + projector, f"MoCo-v3 pre-training checkpoint, {branch}", branch
+def _converter(name: str) -> Callable[[Converter], Converter]:
+    """Register a converter under the name a :class:`~repsim.models.methods.TrainingMethod` uses."""
+
+    def register(fn: Converter) -> Converter:
+        _CONVERTERS[name] = fn
+        return fn
+
+    return register
+
+
+@_converter("mocov3")
+def _mocov3(entry: ZooEntry, sel: Selected, branch: str | None, explicit: bool, path: Path
+            ) -> Converted:
+    if sel.nested:
+        return sel.state, f"MoCo-v3 pre-training checkpoint, {branch}", branch
     if explicit:
         raise CheckpointError(
             f"branch '{branch}' was requested, but checkpoint '{path}' holds one network only "
             "(no base_encoder/momentum_encoder keys: a linear-eval or converted file). Drop "
             "`branch`."
         )
-    kept, projector = _drop_projector(entry, state, "")
     kind = ("MoCo-v3 linear-classification checkpoint, classifier kept"
-            if f"{_head_key(entry)}.weight" in kept else "backbone only")
-    return kept, projector, kind, None
+            if f"{_head_key(entry)}.weight" in sel.state else "backbone only")
+    return sel.state, kind, None
 
 
-def _dino(entry: ZooEntry, state: dict[str, torch.Tensor], branch: str | None, explicit: bool,
-          path: Path) -> Converted:
-    if any(k.startswith("backbone.") for k in state):
-        kept, gone = _split(state, "backbone.")
-        return kept, gone, f"DINO training checkpoint, {branch} backbone, DINO head dropped", None
-    return state, [], "DINO backbone", None
+@_converter("dino")
+def _dino(entry: ZooEntry, sel: Selected, branch: str | None, explicit: bool, path: Path
+          ) -> Converted:
+    if sel.nested:
+        return sel.state, f"DINO training checkpoint, {branch} backbone, DINO head dropped", None
+    return sel.state, "DINO backbone", None
 
 
-def _mae(entry: ZooEntry, state: dict[str, torch.Tensor], branch: str | None, explicit: bool,
-         path: Path) -> Converted:
-    gone = [k for k in state if k.startswith("decoder") or k == "mask_token"]
-    kept = {k: v for k, v in state.items() if k not in gone}
-    return kept, gone, "MAE encoder, decoder dropped" if gone else "MAE encoder", None
+@_converter("mae")
+def _mae(entry: ZooEntry, sel: Selected, branch: str | None, explicit: bool, path: Path
+         ) -> Converted:
+    return sel.state, "MAE encoder, decoder dropped" if sel.dropped else "MAE encoder", None
 
 
-def _mae_ft(entry: ZooEntry, state: dict[str, torch.Tensor], branch: str | None, explicit: bool,
-            path: Path) -> Converted:
-    return state, [], "MAE fine-tuned model, fc_norm and classifier kept", None
+@_converter("mae_ft")
+def _mae_ft(entry: ZooEntry, sel: Selected, branch: str | None, explicit: bool, path: Path
+            ) -> Converted:
+    return sel.state, "MAE fine-tuned model, fc_norm and classifier kept", None
 
 
-def _msn(entry: ZooEntry, state: dict[str, torch.Tensor], branch: str | None, explicit: bool,
-         path: Path) -> Converted:
-    gone = [k for k in state if k.startswith("fc.")]
-    kept = {k: v for k, v in state.items() if k not in gone}
-    return kept, gone, "MSN encoder, projector fc dropped", None
+@_converter("msn")
+def _msn(entry: ZooEntry, sel: Selected, branch: str | None, explicit: bool, path: Path
+         ) -> Converted:
+    return sel.state, "MSN encoder, projector fc dropped", None
 
 
-def _fcmae(entry: ZooEntry, state: dict[str, torch.Tensor], branch: str | None, explicit: bool,
-           path: Path) -> Converted:
-    gone: list[str] = []
-    note = "ConvNeXt-V2 in timm layout"
-    if any(k.startswith("encoder.") for k in state):
-        state, gone = _split(state, "encoder.")
-        note = "FCMAE checkpoint, encoder kept, proj/decoder/mask_token/pred dropped"
+@_converter("fcmae")
+def _fcmae(entry: ZooEntry, sel: Selected, branch: str | None, explicit: bool, path: Path
+           ) -> Converted:
+    state = sel.state
+    note = ("FCMAE checkpoint, encoder kept, proj/decoder/mask_token/pred dropped" if sel.nested
+            else "ConvNeXt-V2 in timm layout")
     if any(k.startswith("downsample_layers.") for k in state):
         state = _convnext_to_timm(_sparse_to_dense(state, path))
         note += "; sparse kernels made dense, keys renamed to timm"
-    return state, gone, note, None
-
-
-_METHOD_CONVERTERS = {"mocov3": _mocov3, "dino": _dino, "mae": _mae, "mae_ft": _mae_ft,
-                      "msn": _msn, "fcmae": _fcmae}
+    return state, note, None
 
 
 def _sparse_to_dense(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -317,7 +316,7 @@ def _from_converted(entry: ZooEntry, ckpt: Checkpoint, branch: str | None,
 def _head_classes(entry: ZooEntry, state: dict[str, torch.Tensor]) -> int | None:
     """Classes of a classifier the file carries and the entry keeps (linear-eval, fine-tuned)."""
     weight = state.get(f"{_head_key(entry)}.weight")
-    if entry.method in ("mocov3", "mae_ft") and weight is not None and weight.ndim == 2:
+    if entry.training.classifier and weight is not None and weight.ndim == 2:
         return int(weight.shape[0])
     return None
 
@@ -348,8 +347,8 @@ def _create_on_current_device(entry: ZooEntry, classes: int | None, overrides: d
 
     module = timm.create_model(entry.arch, pretrained=False, num_classes=classes or 0,
                                **{**entry.kwargs, **overrides})
-    if entry.method == "fcmae":
-        module.head.norm = nn.Identity()  # the FCMAE encoder ends at stage 4, with no norm
+    if not entry.training.head_norm:
+        module.head.norm = nn.Identity()
     return module
 
 
@@ -380,7 +379,7 @@ def _pos_embed_check(entry: ZooEntry, module: nn.Module, state: dict[str, torch.
     have = state.get("pos_embed")
     is_sincos = have is not None and have.shape == ref.shape and torch.allclose(
         have.float(), ref, atol=1e-4)
-    if entry.method == "mocov3":
+    if entry.training.sincos_pos_embed:
         if have is None:
             state["pos_embed"] = ref
             return ["pos_embed (filled with MoCo-v3's fixed 2-D sin-cos embedding)"]
@@ -393,11 +392,12 @@ def _pos_embed_check(entry: ZooEntry, module: nn.Module, state: dict[str, torch.
             )
     elif is_sincos:
         size = {"w": entry.width, "d": entry.depth, "p": entry.patch}
+        sincos = [m.name for m in METHODS.values() if m.sincos_pos_embed]
         raise CheckpointError(
             f"checkpoint '{path}' looks like a MoCo-v3 checkpoint (its pos_embed is MoCo-v3's "
             f"fixed 2-D sin-cos embedding), not a {entry.method} one; loading it into "
             f"'{entry.name}' would silently use the wrong architecture. Use "
-            f"{' or '.join(_fits(size, 'mocov3'))}."
+            f"{' or '.join(_fits(size, sincos))}."
         )
     return []
 
@@ -461,11 +461,12 @@ def _describe(state: dict[str, torch.Tensor]) -> str:
     return f"{len(state)} tensors such as {', '.join(list(state)[:3])}"
 
 
-def _fits(vit: dict[str, int], method: str | None = None, depth: bool = True) -> list[str]:
-    """Zoo entries of this ViT size (ignoring depth if not ``depth``), ``method``'s first."""
+def _fits(vit: dict[str, int], methods: Collection[str] = (), depth: bool = True) -> list[str]:
+    """Zoo entries of this ViT size (ignoring depth if not ``depth``), those of ``methods``
+    first."""
     same = [e for e in ENTRIES if (e.width, e.patch) == (vit["w"], vit["p"])
             and (e.depth == vit["d"] or not depth)]
-    same.sort(key=lambda e: e.method != method)
+    same.sort(key=lambda e: e.method not in methods)
     return [e.name for e in same]
 
 
@@ -488,14 +489,14 @@ def _misfit(entry: ZooEntry, path: Path, state: dict[str, torch.Tensor],
                      f"would lose them): {', '.join(unexpected[:4])}"
                      f"{' ...' if len(unexpected) > 4 else ''}")
     lines.append(f"The file holds {_describe(state)}.")
-    if entry.method == "mae_ft" and "norm.weight" in unexpected and "fc_norm.weight" in missing:
-        lines.append("It is a pre-trained MAE encoder (final norm, no fc_norm): use mae_vit_b16 "
-                     "or mae_vit_l16.")
-    elif entry.method == "mae" and "fc_norm.weight" in unexpected:
-        lines.append("It is a fine-tuned MAE model (fc_norm and classifier): use mae_vit_b16_ft.")
+    hint = entry.training.misfit
+    if hint and all(k in unexpected for k in hint.unexpected) and all(
+            k in missing for k in hint.missing):
+        lines.append(f"It is {hint.file_is}: use "
+                     f"{' or '.join(e.name for e in ENTRIES if e.method == hint.use)}.")
     elif (vit := _shape(state)) and vit != _shape(expected):
         # With a depth override the depth is the user's choice; width and patch still identify.
-        fits = _fits(vit, entry.method, depth="depth" not in overrides)
+        fits = _fits(vit, (entry.method,), depth="depth" not in overrides)
         lines.append(f"Entries of that size: {', '.join(fits)}." if fits else
                      "No zoo entry has that size: use the 'timm' entry with the matching arch.")
     elif unexpected and not missing and not mismatched:

@@ -1,29 +1,27 @@
 """The model zoo: the self-supervised checkpoints of the seed papers, as their authors publish them.
 
 Each entry names the file it expects, the architecture it builds (timm, or torchvision for
-ResNet-50) and the transform of the official evaluations. Loading, key conversion and checks live
-in :mod:`repsim.models.official`, imported only when a model is built (this module is imported at
-start-up and must stay free of torch).
+ResNet-50) and its training method (:data:`repsim.models.methods.METHODS`: key layouts, dropped
+keys, preprocessing). Loading, key conversion and checks live in :mod:`repsim.models.official`,
+imported only when a model is built (this module is imported at start-up and must stay free of
+torch).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from repsim.hookspecs import Register, hookimpl
-from repsim.models.base import Preprocess
 from repsim.models.builtin import PreprocessParams
+from repsim.models.methods import METHODS, TrainingMethod
 
 if TYPE_CHECKING:
     from repsim.models.base import LoadedModel
-
-Method = Literal["mocov3", "dino", "mae", "mae_ft", "msn", "fcmae"]
 
 _FB = "https://dl.fbaipublicfiles.com"
 
@@ -37,7 +35,7 @@ class ZooEntry:
     """
 
     name: str
-    method: Method
+    method: str  # a key of METHODS
     arch: str  # timm model name; "resnet50" means torchvision's
     checkpoint: str
     url: str
@@ -46,6 +44,11 @@ class ZooEntry:
     depth: int = 0
     patch: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def training(self) -> TrainingMethod:
+        """The training method: how its code writes the file, what is dropped, preprocessing."""
+        return METHODS[self.method]
 
     @property
     def family(self) -> str:
@@ -58,7 +61,7 @@ class ZooEntry:
         return self.arch
 
 
-def _vit(name: str, method: Method, size: str, patch: int, checkpoint: str, url: str,
+def _vit(name: str, method: str, size: str, patch: int, checkpoint: str, url: str,
          summary: str, **kwargs: Any) -> ZooEntry:
     width, depth = {"small": (384, 12), "base": (768, 12), "large": (1024, 24)}[size]
     return ZooEntry(name, method, f"vit_{size}_patch{patch}_224", checkpoint, url, summary,
@@ -135,30 +138,18 @@ class ZooParams(BaseModel):
     )
 
 
-class MocoParams(ZooParams):
-    branch: Literal["base_encoder", "momentum_encoder"] = Field(
-        "base_encoder", description="which encoder of a pre-training checkpoint to load"
-    )
-
-
-class DinoParams(ZooParams):
-    branch: Literal["teacher", "student"] = Field(
-        "teacher", description="which network of a full training checkpoint to load"
-    )
-
-
-class MsnParams(ZooParams):
-    branch: Literal["target_encoder", "encoder"] = Field(
-        "target_encoder", description="which encoder of a training checkpoint to load"
-    )
+def _params(method: TrainingMethod) -> type[ZooParams]:
+    """ZooParams, plus ``branch`` for a method whose training checkpoints hold several networks."""
+    if not method.branches:
+        return ZooParams
+    branch = Literal[method.branches]  # type: ignore[valid-type]
+    return create_model(f"{method.name.capitalize()}Params", __base__=ZooParams,
+                        branch=(branch, Field(method.branches[0], description=method.branch_doc)))
 
 
 BY_NAME: dict[str, ZooEntry] = {e.name: e for e in ENTRIES}
 
-PARAMS: dict[str, type[ZooParams]] = {
-    "mocov3": MocoParams, "dino": DinoParams, "msn": MsnParams,
-    "mae": ZooParams, "mae_ft": ZooParams, "fcmae": ZooParams,
-}
+PARAMS: dict[str, type[ZooParams]] = {name: _params(m) for name, m in METHODS.items()}
 
 
 def _builder(e: ZooEntry) -> Callable[[ZooParams], LoadedModel]:
@@ -173,10 +164,9 @@ def _builder(e: ZooEntry) -> Callable[[ZooParams], LoadedModel]:
 
 @hookimpl
 def register_models(register: Register) -> None:
-    preprocess = Preprocess.imagenet().describe()
     for e in ENTRIES:
         register(e.name, _builder(e), params=PARAMS[e.method], summary=e.summary,
-                 checkpoint=e.checkpoint, preprocess=preprocess)
+                 checkpoint=e.checkpoint, preprocess=e.training.preprocess.describe())
 
 
 @hookimpl
@@ -190,7 +180,8 @@ def register_commands(cli: Any) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
                   help="output file, FILE.safetensors")
     @click.option("--param", "-p", "raw_params", multiple=True, metavar="KEY=VALUE",
-                  help="model parameter (VALUE read as JSON if it parses), e.g. -p branch=student")
+                  help="model parameter (VALUE read as TOML or JSON if it parses), e.g. "
+                  "-p branch=student")
     def convert(checkpoint: Path, model_name: str, out: Path, raw_params: tuple[str, ...]) -> None:
         """Convert an official CHECKPOINT once to a safe, fast .safetensors file.
 
@@ -199,23 +190,13 @@ def register_commands(cli: Any) -> None:
         """
         from repsim.errors import RepsimError
         from repsim.models.official import convert_checkpoint
+        from repsim.options import parse_key_values
 
         try:
-            params = dict(_parse_param(p) for p in raw_params)
+            params = parse_key_values(raw_params)
             result = convert_checkpoint(model_name, checkpoint, out, **params)
         except RepsimError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"wrote {result.path} ({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)"
                    f" for model '{model_name}'; dropped {result.dropped} keys of the original")
 
-
-def _parse_param(text: str) -> tuple[str, Any]:
-    from repsim.errors import RecipeError
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"--param '{text}' must look like KEY=VALUE, e.g. branch=student")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
