@@ -202,13 +202,13 @@ def run_torch_cka(hsic: Callable | None, xs: list, ys: list, budget: float
 # ----------------------------------------------------------------------------------- memory
 
 def memory_child(n: int) -> None:
-    """Feed n examples of 2 models × 12 layers × 768-d to the accumulator; print peak RSS growth."""
+    """Feed n examples of 2 models × 12 layers × 768-d to the metric sink; print peak RSS growth."""
     from repsim.api import get_metric
-    from repsim.metrics.accumulate import SimilarityAccumulator
+    from repsim.run.sinks import MetricSink
 
     layers = [f"l{i}" for i in range(12)]
-    acc = SimilarityAccumulator(get_metric("minibatch_cka"), {"a": layers, "b": layers},
-                                [("a", "b")])
+    acc = MetricSink("cka", get_metric("minibatch_cka"), {"a": layers, "b": layers},  # type: ignore[arg-type]
+                     [("a", "b")], minibatch=BATCH)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 768, generator=g)
 
@@ -217,11 +217,11 @@ def memory_child(n: int) -> None:
         return {m: {layer: z @ w + torch.randn(BATCH, 768, generator=g) for layer in layers}
                 for m in ("a", "b")}
 
-    acc.update(batch())  # the first batch allocates what every later one reuses
+    acc.update_features(batch())  # the first batch allocates what every later one reuses
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(n // BATCH - 1):
-        acc.update(batch())
-    acc.result("a", "b")
+        acc.update_features(batch())
+    acc.compute()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"{base} {peak}")
 

@@ -65,12 +65,24 @@ def cli() -> None:
 @click.argument("recipe")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: run.output).")
 @click.option("--quiet", is_flag=True, help="No progress bars or messages.")
+@click.option("--device", help="run.device: auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="run.precision: autocast dtype of the forwards.")
+@click.option("--tf32/--no-tf32", default=None, help="run.tf32: TF32 matrix products on CUDA.")
+@click.option("--cache-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="run.cache_dtype: dtype of the cached features.")
+@click.option("--threads", type=click.IntRange(min=1), help="run.threads: torch threads.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="run.batch_size: forward batch.")
 @user_errors
-def run(recipe: str, out: Path | None, quiet: bool) -> None:
-    """Run RECIPE (a .toml file, or an embedded recipe name such as 'mini')."""
+def run(recipe: str, out: Path | None, quiet: bool, **settings: Any) -> None:
+    """Run RECIPE (a .toml file, or an embedded recipe name such as 'mini').
+
+    The options replace the recipe's [run] settings of the same names."""
     from repsim.run import run_recipe
 
-    run_dir = run_recipe(recipe, out, progress=not quiet and sys.stderr.isatty(), quiet=quiet)
+    overrides = {k: v for k, v in settings.items() if v is not None}
+    run_dir = run_recipe(recipe, out, progress=not quiet and sys.stderr.isatty(), quiet=quiet,
+                         overrides=overrides)
     click.echo(f"results in {run_dir}/ (summary.md, tables/, figures/, similarity/)")
 
 
@@ -149,15 +161,16 @@ def plugins() -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--param", "-p", multiple=True, metavar="KEY=VALUE",
-              help="Model parameter (TOML value), e.g. -p arch=\"'vit_small_patch16_224'\".")
+              help="Model parameter (TOML or JSON value), e.g. -p arch=\"'vit_small_patch16_224'\".")
 @click.option("--pattern", default="*", help="Show only layers matching this glob ('blocks.*').")
 @user_errors
 def layers(model: str, param: tuple[str, ...], pattern: str) -> None:
     """List the layers MODEL offers (module paths for recipes), with their output shapes."""
     from repsim.api import build_model
     from repsim.layers import GlobParams, GlobSelector
+    from repsim.options import parse_key_values
 
-    params = _parse_params(param)
+    params = parse_key_values(param)
     loaded = build_model(model, **params)
     names = GlobSelector(GlobParams(patterns=[pattern])).select(loaded) if pattern != "*" else \
         [n for n, _ in loaded.module.named_modules() if n]
@@ -166,21 +179,6 @@ def layers(model: str, param: tuple[str, ...], pattern: str) -> None:
         click.echo(f"{name}  ({type(modules[name]).__name__})")
     click.echo(f"{len(names)} layers; ':in' after a name captures the module's input; 'output' "
                "is the model's return value.", err=True)
-
-
-def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RepsimError(f"--param '{item}' must look like KEY=VALUE.")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value  # a bare string
-    return out
 
 
 @cli.command()

@@ -43,5 +43,10 @@ class CheckpointError(RepsimError):
     """A checkpoint file is missing, truncated, or does not fit the architecture."""
 
 
+class DeviceError(RepsimError):
+    """A device that was asked for is absent, or it ran out of memory."""
+
+
 class MetricUndefinedWarning(UserWarning):
     """A similarity value is undefined (e.g. constant features); the value is NaN and noted."""
+

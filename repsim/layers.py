@@ -265,11 +265,13 @@ class LayerTap:
 
         return hook
 
-    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def run(self, x: torch.Tensor, grad: bool = False) -> dict[str, torch.Tensor]:
+        """Raw outputs of the tapped layers for one batch; ``grad=True`` keeps the autograd
+        graph (for evaluators that train through the model), else inference mode."""
         import torch
 
         self._captured = {}
-        with torch.inference_mode():
+        with torch.enable_grad() if grad else torch.inference_mode():
             out = self.model.module(x)
         if OUTPUT in self.layers:
             self._captured[OUTPUT] = out[0] if isinstance(out, tuple) else out

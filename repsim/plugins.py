@@ -195,3 +195,17 @@ def get_host() -> PluginHost:
 def registry(kind: str) -> Registry:
     """The registry of one kind: ``registry("metric").get("linear_cka")``."""
     return get_host().registry(kind)
+
+
+def build_part(kind: str, name: str, /, **params: Any) -> Any:
+    """Validate ``params`` and build the registered part ``name`` of ``kind``.
+
+    The one way parts are built from a name (API, recipes, the zoo): a built object with a
+    ``name`` attribute (metrics, evaluators, models) gets the registry name where it has none
+    of its own.
+    """
+    part = registry(kind).get(name)
+    built = part.create(params)
+    if hasattr(built, "name") and (kind != "model" or not built.name):
+        built.name = part.name
+    return built

@@ -29,7 +29,8 @@ class RunSection(_Strict):
 
     name: str = "run"
     seed: int = 0
-    batch_size: int = Field(32, ge=1, description="minibatch size (also the CKA minibatch)")
+    batch_size: int = Field(32, ge=1, description="forward batch size; also the estimator "
+                            "minibatch of metrics that do not set their own `batch_size`")
     examples: int | None = Field(None, ge=1, description="examples drawn from the split; all if unset")
     train_examples: int | None = Field(
         None, ge=1, description="examples of other splits evaluators read (k-NN train set); all if unset"
@@ -42,7 +43,17 @@ class RunSection(_Strict):
     bootstrap: int = Field(0, ge=0, description="bootstrap resamples for CKA intervals (0: none)")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
+    prefetch: int = Field(2, ge=1, description="batches each data-loading worker prepares ahead")
     checkpoint_every: int = Field(20, ge=1, description="batches between resumable state saves")
+    device: str = Field("auto", description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N "
+                        "or mps")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forwards; metrics always get float32")
+    tf32: bool = Field(False, description="allow TF32 matrix products on CUDA (engine included)")
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the cached features evaluators read")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: the "
+                                "cores this process may use")
 
 
 class DataSection(_Strict):
@@ -195,6 +206,7 @@ class CheckedRecipe:
     """A recipe whose parts are resolved and whose parameters are validated."""
 
     def __init__(self, recipe: Recipe, path: Path) -> None:
+        from repsim.data.base import split_conflict
         from repsim.plugins import registry
 
         self.recipe, self.path = recipe, path
@@ -217,6 +229,8 @@ class CheckedRecipe:
         d = recipe.data
         dparams = dict(d.params)
         reg = registry("dataset")
+        if "split" in d.model_fields_set and (clash := split_conflict(d.split, d.params)):
+            problems.append(clash)
         if d.dataset in reg and "split" in reg.get(d.dataset).params.model_fields:
             dparams.setdefault("split", d.split)
         self.dataset = resolve("dataset", d.dataset, dparams, "data")
@@ -257,20 +271,38 @@ class CheckedRecipe:
 
     def _check_metrics(self) -> list[str]:
         out = []
-        bs = self.recipe.run.batch_size
+        from repsim.metrics.base import StreamingMetric
+
         for key, (part, params) in self.metrics.items():
             metric = part.build(params)
-            need = getattr(metric, "min_batch_size", 1)
-            if metric.properties.streaming and bs < need:
+            if not (isinstance(metric, StreamingMetric) and metric.properties.streaming):
+                continue
+            bs, need = metric.minibatch(self.recipe.run.batch_size), metric.min_batch_size
+            if bs < need:
                 out.append(
                     f"run.batch_size = {bs} is below the {need} examples per minibatch that metric "
-                    f"'{key}' needs (HSIC_1 divides by n(n-3)). Set run.batch_size >= {need}; the "
-                    "seeds use 32."
+                    f"'{key}' needs (HSIC_1 divides by n(n-3)). Set run.batch_size >= {need}, or "
+                    f"the metric's own `batch_size` (the estimator minibatch); the seeds use 32."
                 )
         return out
 
 
-def check_recipe(path: str | Path) -> CheckedRecipe:
-    """Load a recipe and resolve all its parts; raises RecipeError listing every problem."""
+def with_run_settings(recipe: Recipe, overrides: dict[str, Any], path: Path) -> Recipe:
+    """The recipe with ``[run]`` settings replaced (command-line flags), validated as in a file."""
+    try:
+        run = RunSection.model_validate(recipe.run.model_dump() | overrides)
+    except ValidationError as exc:
+        lines = [f"{path}: a command-line setting does not validate:"]
+        lines += [f"  run.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise RecipeError("\n".join(lines)) from None
+    return recipe.model_copy(update={"run": run})
+
+
+def check_recipe(path: str | Path, run_overrides: dict[str, Any] | None = None) -> CheckedRecipe:
+    """Load a recipe (``[run]`` settings replaced by ``run_overrides``) and resolve all its
+    parts; raises RecipeError listing every problem."""
     p = resolve_recipe_path(path)
-    return CheckedRecipe(load_recipe(p), p)
+    recipe = load_recipe(p)
+    if run_overrides:
+        recipe = with_run_settings(recipe, run_overrides, p)
+    return CheckedRecipe(recipe, p)

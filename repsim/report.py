@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
-    from repsim.metrics.engine import SimilarityResult
+    from repsim.metrics.results import SimilarityResult
 
 
 def short_names(names: Sequence[str]) -> list[str]:

@@ -51,7 +51,16 @@ def read_json(path: Path) -> Any:
 
 def write_tensors(target: Path, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> None:
+    """Tensors (and string metadata) as one safetensors file.
+
+    ``metadata`` holds at most one key: safetensors writes several in the random order of a
+    hash map, so identical runs would write files that differ byte for byte.
+    """
     from safetensors.torch import save_file
+
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError("write_tensors takes at most one metadata key (put several values "
+                         "into one JSON string); several are written in random order")
 
     out, seen = {}, set()
     for k, v in tensors.items():

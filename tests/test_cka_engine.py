@@ -7,14 +7,9 @@ import pytest
 import torch
 
 import repsim
-from repsim.metrics.accumulate import SimilarityAccumulator
 from repsim.metrics.cka import MinibatchCKA, rbf_from_gram_
-from repsim.metrics.engine import (
-    embed_layer,
-    pair_terms_from_features,
-    terms_from_embeddings,
-    terms_from_groups,
-)
+from repsim.metrics.engine import pair_terms_from_features, terms_from_groups
+from repsim.run.sinks import MetricSink
 
 
 def hsic1_eq4(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
@@ -67,31 +62,20 @@ def test_shards_add_up_to_the_whole() -> None:
     torch.testing.assert_close(m.finalize(total), m.finalize(whole))
 
 
-def test_accumulator_streams_to_the_same_matrix_with_flat_state() -> None:
+def test_metric_sink_streams_to_the_same_matrix_with_flat_state() -> None:
     models = {"a": layers(5, 160, 3), "b": layers(6, 160, 2)}
     names = {m: list(v) for m, v in models.items()}
-    acc = SimilarityAccumulator(MinibatchCKA(name="minibatch_cka"), names,
-                                [("a", "b"), ("a", "a")])
+    sink = MetricSink("cka", MinibatchCKA(name="minibatch_cka"), names, [("a", "b"), ("a", "a")],
+                      minibatch=32)
     for s in range(0, 160, 32):
-        acc.update({m: {k: v[s : s + 32] for k, v in feats.items()} for m, feats in models.items()})
-        assert acc.terms[("a", "b")].cross.shape == (3, 2)  # state does not grow with batches
+        sink.update_features({m: {k: v[s : s + 32] for k, v in feats.items()}
+                              for m, feats in models.items()})
+        assert sink.state_dict()["a|b|cross"].shape == (3, 2)  # state does not grow with batches
+    out = sink.compute()
     expected = repsim.similarity(models["a"], models["b"], batch_size=32)
-    torch.testing.assert_close(acc.result("a", "b").values, expected.values, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[("a", "b")].values, expected.values, rtol=0, atol=1e-12)
     expected_aa = repsim.similarity(models["a"], models["a"], batch_size=32)
-    torch.testing.assert_close(acc.result("a", "a").values, expected_aa.values, rtol=0,
-                               atol=1e-12)
-
-
-def test_legacy_embedding_helpers_agree_with_groups() -> None:
-    m = MinibatchCKA()
-    xs = list(layers(7, 40, 2).values())
-    per_layer = [embed_layer(m, x, 16) for x in xs]  # [B, m] full batches, then the rest
-    assert [tuple(e.shape) for e in per_layer[0]] == [(2, 256), (1, 64)]
-    legacy = terms_from_embeddings(per_layer, per_layer, keep_batches=True)
-    groups = [torch.stack([p[g] for p in per_layer]) for g in range(2)]
-    new = terms_from_groups(groups, groups, keep_batches=True)
-    torch.testing.assert_close(legacy.cross, new.cross)
-    torch.testing.assert_close(m.finalize(legacy).diagonal(), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(out[("a", "a")].values, expected_aa.values, rtol=0, atol=1e-12)
 
 
 def test_input_dtypes_and_shapes() -> None:
@@ -116,16 +100,18 @@ def test_rbf_bandwidth_uses_numpy_median_of_all_entries(n: int) -> None:
         np.testing.assert_allclose(got[b].numpy(), ref, rtol=1e-9, atol=1e-12)
 
 
-def test_accumulator_gathers_features_for_full_batch_metrics() -> None:
-    from repsim.api import get_metric
-
-    models = {"a": layers(8, 96, 2), "b": layers(9, 96, 2)}
-    acc = SimilarityAccumulator(get_metric("cca"), {m: list(v) for m, v in models.items()},
-                                [("a", "b")])
-    for s in range(0, 96, 32):
-        acc.update({m: {k: v[s : s + 32] for k, v in f.items()} for m, f in models.items()})
-    expected = repsim.similarity(models["a"], models["b"], "cca").values
-    torch.testing.assert_close(acc.result("a", "b").values, expected, rtol=0, atol=1e-12)
+def test_compare_gathers_features_for_full_batch_metrics() -> None:
+    torch.manual_seed(8)
+    net_a, net_b = torch.nn.Sequential(torch.nn.Linear(6, 5)), torch.nn.Sequential(
+        torch.nn.Linear(6, 4), torch.nn.Tanh())
+    data = [torch.randn(32, 6) for _ in range(3)]
+    got = repsim.compare(net_a, net_b, data, "0", "*", metric="cca")
+    with torch.no_grad():
+        xs = torch.cat(data)
+        fa = {"0": net_a[0](xs)}
+        fb = {"0": net_b[0](xs), "1": net_b(xs)}
+    expected = repsim.similarity(fa, fb, "cca").values
+    torch.testing.assert_close(got.values, expected, rtol=0, atol=1e-12)
 
 
 def test_slices_of_batches_give_the_same_terms(monkeypatch: pytest.MonkeyPatch) -> None:

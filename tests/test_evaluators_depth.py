@@ -10,7 +10,7 @@ import torch
 from repsim.evaluators.context import InMemoryContext
 from repsim.evaluators.depth import CkaDepthEvaluator, cka_vs_depth, relative_depth
 from repsim.evaluators.params import CkaDepthParams
-from repsim.metrics.engine import SimilarityResult
+from repsim.metrics.results import SimilarityResult
 
 
 def test_relative_depth():
@@ -54,7 +54,7 @@ def test_evaluator_reads_results_in_either_order_and_restricts_to_a_group():
     )
     ev = CkaDepthEvaluator(CkaDepthParams(pairs=[("cnn", "vit"), ("cnn", "other")],
                                           group="blocks", bins=2))
-    assert ev.after_metrics
+    assert ev.access.similarity
     out = ev.evaluate(ctx)
     expected = cka_vs_depth(values[:4].T, bins=2)  # cnn rows, the vit blocks as columns
     assert torch.equal(out.tensors["by_distance/cnn vs vit"][0], expected["mean"])

@@ -66,22 +66,22 @@ def test_run_writes_results_equal_to_an_independent_computation(runner, write_re
 
 def run_interrupted_then_resumed(path: Path, out: Path, monkeypatch) -> Path:
     """Stop a run (checkpoint_every = 1) while it feeds its third batch, then rerun it."""
-    from repsim.metrics import accumulate
+    from repsim.run.sinks import MetricSink
 
-    original = accumulate.SimilarityAccumulator.update
+    original = MetricSink.update
     calls = {"n": 0}
 
-    def failing_update(self, feats):
+    def failing_update(self, batch):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, feats)
+        return original(self, batch)
 
-    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", failing_update)
+    monkeypatch.setattr(MetricSink, "update", failing_update)
     with pytest.raises(KeyboardInterrupt):
         Run(check_recipe(path), out, progress=False, quiet=True).execute()
     assert store.read_json(out / "cache/eval/progress.json") == {"batches": 2, "done": False}
-    monkeypatch.setattr(accumulate.SimilarityAccumulator, "update", original)
+    monkeypatch.setattr(MetricSink, "update", original)
     return Run(check_recipe(path), out, progress=False, quiet=True).execute()
 
 

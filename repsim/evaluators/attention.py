@@ -351,11 +351,8 @@ class AttentionDistanceEvaluator(_AttentionEvaluator):
 
 
 def _patch_size(info: Mapping[str, Any]) -> int | None:
-    """A model's square patch size: ``info["patch_size"]``, else its timm ``patch_embed``'s."""
+    """A model's square patch size, from ``info["patch_size"]`` (None if not square)."""
     size = info.get("patch_size")
-    if size is None:
-        module = getattr(info.get("loaded"), "module", None)
-        size = getattr(getattr(module, "patch_embed", None), "patch_size", None)
     if isinstance(size, (tuple, list)):
         size = size[0] if len(set(size)) == 1 else None
     return int(size) if size is not None else None

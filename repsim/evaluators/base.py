@@ -1,8 +1,9 @@
 """What an evaluator declares, what it is given, and what it returns.
 
-An evaluator runs after the data pass, on features the run cached to disk (or on the similarity
-results, or on checkpoints). It never reaches back into the orchestrator: everything it may read
-comes through :class:`EvalContext`.
+An evaluator runs after the data pass. It reads what it declared: cached features
+(:class:`FeatureNeeds`), and through :class:`Access` the similarity results, the built models on
+the run's device, or the dataset's splits (to train a network). It never reaches back into the
+orchestrator: everything it may read comes through :class:`EvalContext`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
-    from repsim.metrics.engine import SimilarityResult
+    from repsim.evaluators.access import DataAccess, ModelAccess
+    from repsim.metrics.results import SimilarityResult
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,21 @@ class FeatureNeeds:
     reductions: tuple[str, ...] | None = None
     output: bool = False
     layers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Access:
+    """What an evaluator reads besides cached features, which also says when it runs.
+
+    ``similarity``: similarity results of the run (it runs after the metrics; the others right
+    after the pass). ``models``: the built models on the run's device
+    (:meth:`EvalContext.model`), e.g. to fine-tune or to read weights. ``data``: splits of the
+    dataset with their targets (:meth:`EvalContext.data`), e.g. to train a network end to end.
+    """
+
+    similarity: bool = False
+    models: bool = False
+    data: tuple[str, ...] = ()
 
 
 class EvalContext(Protocol):
@@ -76,6 +92,12 @@ class EvalContext(Protocol):
 
     def classes(self) -> list[str]: ...
 
+    def model(self, model: str) -> ModelAccess:
+        """The built model on the run's device (requires ``Access(models=True)``)."""
+
+    def data(self, split: str = "eval") -> DataAccess:
+        """A split of the dataset with its targets (requires ``split`` in ``Access.data``)."""
+
 
 @dataclass
 class EvalResult:
@@ -92,7 +114,7 @@ class Evaluator(ABC):
     """An analysis of what representations do for transfer (k-NN, probes, agreement, ...)."""
 
     needs: FeatureNeeds = FeatureNeeds()
-    after_metrics: bool = False  # True if it reads similarity results
+    access: Access = Access()
 
     def __init__(self, params: BaseModel | None = None, name: str | None = None) -> None:
         self.params = params
@@ -138,7 +160,3 @@ class StreamingEvaluator(Evaluator):
 
     @abstractmethod
     def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
-
-
-def output_dir_of(run_dir: Path, evaluator: str) -> Path:
-    return Path(run_dir) / "evaluators" / evaluator

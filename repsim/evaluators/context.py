@@ -24,7 +24,8 @@ from repsim.errors import FeatureError
 if TYPE_CHECKING:
     import torch
 
-    from repsim.metrics.engine import SimilarityResult
+    from repsim.evaluators.access import DataAccess, ModelAccess
+    from repsim.metrics.results import SimilarityResult
 
 
 class InMemoryContext:
@@ -32,10 +33,11 @@ class InMemoryContext:
 
     ``features[model][split][layer]``: see the module docstring. ``labels[split]``: ``[N]``.
     ``outputs[model][split]``: ``[N, C]`` class scores. ``similarities[(metric, model_a,
-    model_b)]``: a :class:`~repsim.metrics.engine.SimilarityResult` (asked the other way round, it
+    model_b)]``: a :class:`~repsim.metrics.results.SimilarityResult` (asked the other way round, it
     is returned transposed). ``default_reduction``: the reduction used when an evaluator asks for
     none (one for all models or per model); ``num_prefix_tokens`` per model (CLS = 1).
-    Anything absent raises ``KeyError`` naming what exists.
+    ``model_access`` / ``data_access``: what :meth:`model` and :meth:`data` return, per model
+    label and per split. Anything absent raises ``KeyError`` naming what exists.
     """
 
     def __init__(
@@ -52,6 +54,8 @@ class InMemoryContext:
         num_prefix_tokens: Mapping[str, int] | None = None,
         default_reduction: str | Mapping[str, str] | None = None,
         seed: int = 0,
+        model_access: Mapping[str, ModelAccess] | None = None,
+        data_access: Mapping[str, DataAccess] | None = None,
     ) -> None:
         self._features = {m: {s: dict(ls) for s, ls in sp.items()} for m, sp in
                           (features or {}).items()}
@@ -69,6 +73,8 @@ class InMemoryContext:
                 *(m for _, a, b in self._similarities for m in (a, b))]
         self.models: list[str] = list(models) if models is not None else list(dict.fromkeys(seen))
         self.seed = seed
+        self._model_access = dict(model_access or {})
+        self._data_access = dict(data_access or {})
 
     def layers(self, model: str) -> list[str]:
         """Layers in the order the first split's mapping lists them (give them in network order)."""
@@ -125,12 +131,15 @@ class InMemoryContext:
         return self._get(splits, split, f"split with outputs of model '{model}'")
 
     def similarity(self, metric: str, model_a: str, model_b: str) -> SimilarityResult:
-        from repsim.metrics.engine import SimilarityResult
-
         if (metric, model_a, model_b) in self._similarities:
             return self._similarities[(metric, model_a, model_b)]
-        r = self._get(self._similarities, (metric, model_b, model_a), "similarity result")
-        return SimilarityResult(r.values.T, r.cols, r.rows, r.metric, r.description, r.notes)
+        return self._get(self._similarities, (metric, model_b, model_a), "similarity result").T
+
+    def model(self, model: str) -> ModelAccess:
+        return self._get(self._model_access, model, "model access (pass model_access)")
+
+    def data(self, split: str = "eval") -> DataAccess:
+        return self._get(self._data_access, split, "split with data access (pass data_access)")
 
     def model_info(self, model: str) -> dict[str, Any]:
         return dict(self._info.get(model, {"name": model}))

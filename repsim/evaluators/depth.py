@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from repsim.evaluators._common import MISSING, figure, json_float, resolve_pairs, table
-from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
+from repsim.evaluators.base import Access, EvalContext, Evaluator, EvalResult, FeatureNeeds
 from repsim.evaluators.params import CkaDepthParams
 
 if TYPE_CHECKING:
@@ -36,18 +36,23 @@ def cka_vs_depth(values: torch.Tensor, bins: int = 10) -> dict[str, torch.Tensor
     import torch
 
     v = values.double()
-    da, db = relative_depth(v.shape[0]), relative_depth(v.shape[1])
-    dist = (da[:, None] - db[None, :]).abs().flatten()
+    la, lb = v.shape
+    da, db = relative_depth(la), relative_depth(lb)
+    # Exact arithmetic: |(i+1)/La − (j+1)/Lb| = n / (La·Lb) with the integer
+    # n = |(i+1)·Lb − (j+1)·La|. In floats a distance on a bin edge lands on either side by
+    # rounding (4/6 − 1/6 = 0.49999999999999994); in integers bin b, [b/bins, (b+1)/bins),
+    # is floor(n·bins / (La·Lb)), and n < La·Lb keeps it below ``bins``.
+    num = ((torch.arange(1, la + 1)[:, None] * lb) - (torch.arange(1, lb + 1)[None, :] * la)).abs()
+    which = (num * bins).div(la * lb, rounding_mode="floor").flatten()
     vals = v.flatten()
     edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)
-    which = torch.bucketize(dist, edges[1:-1], right=True)  # bin b holds [edge_b, edge_b+1)
     ok = ~vals.isnan()
     count = torch.bincount(which[ok], minlength=bins).double()
     total = torch.zeros(bins, dtype=torch.float64).index_add_(0, which[ok], vals[ok])
     mean = total / count
     sq = torch.zeros(bins, dtype=torch.float64).index_add_(0, which[ok], vals[ok] ** 2)
     std = (sq / count - mean ** 2).clamp_min(0).sqrt()
-    col = (da[:, None] - db[None, :]).abs().argmin(1)  # argmin keeps the first (shallower) index
+    col = num.argmin(1)  # exact distances; argmin keeps the first (shallower) index on a tie
     return {"edges": edges, "mean": mean, "std": std, "count": count, "depth_a": da,
             "depth_b": db, "matched": v.gather(1, col[:, None])[:, 0], "matched_col": col}
 
@@ -57,7 +62,7 @@ class CkaDepthEvaluator(Evaluator):
 
     params: CkaDepthParams
     needs = FeatureNeeds(splits=())
-    after_metrics = True
+    access = Access(similarity=True)
 
     def __init__(self, params: CkaDepthParams | None = None, name: str | None = "cka_vs_depth"
                  ) -> None:

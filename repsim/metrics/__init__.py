@@ -1,7 +1,8 @@
 """Similarity metrics: the base classes and the all-pairs engine."""
 
 from repsim.metrics.base import INVARIANCES, Metric, MetricProperties, PairTerms, StreamingMetric
-from repsim.metrics.engine import SimilarityResult, similarity_matrix
+from repsim.metrics.engine import similarity_matrix
+from repsim.metrics.results import SimilarityResult
 from repsim.metrics.fullbatch import FullBatchMetric
 
 __all__ = [

@@ -80,6 +80,13 @@ class PairTerms:
             self.batch_self_cols + other.batch_self_cols,
         )
 
+    @property
+    def T(self) -> PairTerms:  # noqa: N802 (as torch's .T)
+        """The same terms with rows and columns swapped."""
+        return PairTerms(self.cross.T, self.self_cols, self.self_rows, self.n_batches,
+                         self.n_examples, [c.transpose(1, 2) for c in self.batch_cross],
+                         self.batch_self_cols, self.batch_self_rows)
+
 
 class Metric(ABC):
     """A similarity (or distance) index between two layers' features.
@@ -128,6 +135,11 @@ class StreamingMetric(Metric):
     """
 
     min_batch_size: ClassVar[int] = 2
+
+    def minibatch(self, default: int) -> int:
+        """The estimator's minibatch in a run: the metric's own ``batch_size`` parameter, else
+        ``default`` (the run's forward batch size)."""
+        return int(getattr(self.params, "batch_size", None) or default)
 
     @abstractmethod
     def embed(self, x: torch.Tensor) -> torch.Tensor:

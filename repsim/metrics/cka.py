@@ -186,6 +186,9 @@ class _KernelCKA(StreamingMetric):
 
 class MinibatchCKAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    batch_size: int | None = Field(
+        None, ge=4, description="estimator minibatch in a run (default: run.batch_size; the "
+        "seeds use 32)")
 
 
 class MinibatchCKA(_KernelCKA):
@@ -290,8 +293,7 @@ class RBFCKA(LinearCKA):
             _double_centre_(kernel)
 
 
-class MinibatchRBFCKAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MinibatchRBFCKAParams(MinibatchCKAParams):
     threshold: float = Field(1.0, gt=0, description="σ as a fraction of the median distance")
 
 

@@ -10,52 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from repsim.errors import FeatureError
 from repsim.metrics.base import Metric, PairTerms, StreamingMetric
+from repsim.metrics.results import SimilarityResult
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class SimilarityResult:
-    """Values of one metric for every (row layer, column layer) pair."""
-
-    values: torch.Tensor  # float64 [len(rows), len(cols)]
-    rows: list[str]
-    cols: list[str]
-    metric: str
-    description: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    terms: PairTerms | None = None
-    intervals: tuple[torch.Tensor, torch.Tensor] | None = None  # bootstrap (low, high), if asked
-    intervals: tuple[torch.Tensor, torch.Tensor] | None = None  # bootstrap (low, high), if run
-
-    def confidence_interval(self, n_resamples: int = 2000, confidence: float = 0.95,
-                            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bootstrap ``(low, high)`` over minibatches; needs ``keep_batches=True``."""
-        from repsim.metrics.inference import bootstrap_cka
-
-        return bootstrap_cka(self, n_resamples=n_resamples, confidence=confidence, seed=seed)
-
-    def to_json(self) -> dict[str, Any]:
-        def plain(t: torch.Tensor) -> list[list[float | None]]:
-            return [[None if v != v else float(v) for v in row] for row in t.tolist()]
-
-        out = {
-            "metric": self.metric,
-            "rows": self.rows,
-            "cols": self.cols,
-            "values": plain(self.values),
-            "description": self.description,
-            "notes": self.notes,
-        }
-        if self.intervals is not None:
-            out["ci_low"], out["ci_high"] = plain(self.intervals[0]), plain(self.intervals[1])
-        return out
 
 
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -83,14 +45,12 @@ def check_features(x: torch.Tensor, what: str, metric: str | None = None) -> tor
     return x
 
 
-def check_same_n(named: Mapping[str, torch.Tensor], side: str = "",
-                 metric: str | None = None) -> int:
+def check_same_n(named: Mapping[str, torch.Tensor], metric: str | None = None) -> int:
     """The common number of examples of named layers; a FeatureError listing them otherwise."""
     sizes = {name: int(t.shape[0]) for name, t in named.items()}
     where = f"metric '{metric}': " if metric else ""
     if not sizes:
-        raise FeatureError(f"{where}no layers given{' for ' + side if side else ''}: pass at "
-                           "least one.")
+        raise FeatureError(f"{where}no layers given: pass at least one.")
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
         raise FeatureError(
@@ -144,8 +104,10 @@ def batch_slices(n: int, batch_size: int, min_batch: int, layers: int | None = N
     return out
 
 
-def _embed_slice(metric: StreamingMetric, xs: Sequence[torch.Tensor], start: int, stop: int,
-                 batch: int) -> torch.Tensor:
+def embed_slice(metric: StreamingMetric, xs: Sequence[torch.Tensor], start: int, stop: int,
+                batch: int) -> torch.Tensor:
+    """Embeddings ``[L, B, m]`` of examples ``start:stop`` of several layers, cut into ``B``
+    consecutive minibatches of ``batch``."""
     return metric.embed_many([x[start:stop].reshape((stop - start) // batch, batch, -1)
                               for x in xs])
 
@@ -155,14 +117,8 @@ def embed_groups(metric: StreamingMetric, xs: Sequence[torch.Tensor],
     """Embeddings of several layers' consecutive minibatches, ``[L, B, m]`` per group: the full
     batches, then the last partial batch (if it has at least ``min_batch_size`` examples)."""
     n = xs[0].shape[0]
-    return [_embed_slice(metric, xs, *r)
+    return [embed_slice(metric, xs, *r)
             for r in batch_slices(n, batch_size, metric.min_batch_size)]
-
-
-def embed_layer(metric: StreamingMetric, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Embeddings of one layer's consecutive minibatches: full batches as one ``[B, m]`` tensor,
-    then the last partial batch (if it has at least ``min_batch_size`` examples) as ``[1, m']``."""
-    return [g[0] for g in embed_groups(metric, [x], batch_size)]
 
 
 def dropped_examples(metric: StreamingMetric, n: int, batch_size: int) -> int:
@@ -197,18 +153,6 @@ def terms_from_groups(ga: Sequence[torch.Tensor], gb: Sequence[torch.Tensor],
     if total is None:
         raise ValueError("no embedded batches")
     return total
-
-
-def terms_from_embeddings(
-    ea: list[list[torch.Tensor]], eb: list[list[torch.Tensor]], keep_batches: bool = False
-) -> PairTerms:
-    """Pair terms from per-layer embedding lists (``ea[layer][group] -> [B, m]``)."""
-    import torch
-
-    groups = range(len(ea[0]))
-    return terms_from_groups([torch.stack([layer[g] for layer in ea]) for g in groups],
-                             [torch.stack([layer[g] for layer in eb]) for g in groups],
-                             keep_batches)
 
 
 def _take(e: torch.Tensor, index: list[int]) -> torch.Tensor:
@@ -253,7 +197,7 @@ def pair_terms_from_features(
     ia, ib = [unique[id(x)] for x in xs], [unique[id(y)] for y in ys]
     terms: PairTerms | None = None
     for start, stop, batch in batch_slices(n, bs, metric.min_batch_size, len(tensors)):
-        e = _embed_slice(metric, tensors, start, stop, batch)
+        e = embed_slice(metric, tensors, start, stop, batch)
         part = terms_from_groups([_take(e, ia)], [_take(e, ib)], keep_batches)
         terms = part if terms is None else terms + part
     assert terms is not None  # check_batch_size guarantees one batch
@@ -330,28 +274,36 @@ def similarity_matrix(
     feats_b: Mapping[str, torch.Tensor],
     batch_size: int | None = None,
     keep_batches: bool = False,
+    row_names: Sequence[str] | None = None,
+    col_names: Sequence[str] | None = None,
 ) -> SimilarityResult:
-    """Compare every layer of ``feats_a`` with every layer of ``feats_b``."""
+    """Compare every layer of ``feats_a`` with every layer of ``feats_b``: the one routine for
+    features held in memory (the API, and the run's full-batch metrics).
+
+    Streaming metrics use consecutive minibatches of ``batch_size``; a full-batch metric with
+    the streaming form (``linear_cka``) gets one batch of everything, the others run on all
+    examples at once. ``row_names``/``col_names`` name the layers in error messages.
+    """
     rows, cols = list(feats_a), list(feats_b)
-    row_names = [f"layer '{r}' (first input)" for r in rows]
-    col_names = [f"layer '{c}' (second input)" for c in cols]
-    terms = None
-    constant = None
+    row_names = list(row_names or [f"layer '{r}' (first input)" for r in rows])
+    col_names = list(col_names or [f"layer '{c}' (second input)" for c in cols])
     desc = metric.describe()
     if isinstance(metric, StreamingMetric):
-        # A full-batch metric with the streaming form (linear_cka) gets one batch of everything.
         bs = batch_size if metric.properties.streaming else None
         terms = pair_terms_from_features(metric, list(feats_a.values()), list(feats_b.values()),
                                          bs, keep_batches, row_names, col_names)
         values = metric.finalize(terms)
         if bs is not None:
             desc["batch_size"] = bs
-    else:
-        xs = [check_features(feats_a[r], name, metric.name) for r, name in zip(rows, row_names)]
-        ys = [check_features(feats_b[c], name, metric.name) for c, name in zip(cols, col_names)]
-        check_same_n({**dict(zip(row_names, xs)), **dict(zip(col_names, ys))},
+        desc["examples"] = terms.n_examples
+        return SimilarityResult(values, rows, cols, metric.name, desc,
+                                undefined_notes(values, rows, cols, terms), terms)
+    xs = [check_features(feats_a[r], name, metric.name) for r, name in zip(rows, row_names)]
+    ys = [check_features(feats_b[c], name, metric.name) for c, name in zip(cols, col_names)]
+    n = check_same_n({**dict(zip(row_names, xs)), **dict(zip(col_names, ys))},
                      metric=metric.name)
-        values = metric.matrix(xs, ys, batch_size, row_names, col_names)
-        constant = ([is_constant(x) for x in xs], [is_constant(y) for y in ys])
-    notes = undefined_notes(values, rows, cols, terms, constant=constant)
-    return SimilarityResult(values, rows, cols, metric.name, desc, notes, terms)
+    values = metric.matrix(xs, ys, None, row_names, col_names)
+    constant = ([is_constant(x) for x in xs], [is_constant(y) for y in ys])
+    desc["examples"] = n
+    return SimilarityResult(values, rows, cols, metric.name, desc,
+                            undefined_notes(values, rows, cols, None, constant=constant))

@@ -9,14 +9,15 @@ with a note instead, so that one dead layer does not hide the others.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from repsim.metrics.inference import bootstrap_cka, permutation_test
+from repsim.metrics.inference import bootstrap_cka
 
 if TYPE_CHECKING:
     import torch
 
     from repsim.metrics.base import Metric
+    from repsim.metrics.inference import Features, PermutationResult
 
 
 def _pair(metric: Metric, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
@@ -105,6 +106,25 @@ def mutual_knn(x: torch.Tensor, y: torch.Tensor, k: int = 10) -> float:
     from repsim.metrics.knn import MutualKNN, MutualKNNParams
 
     return _pair(MutualKNN(MutualKNNParams(k=k)), x, y)
+
+
+def permutation_test(feats_a: Features, feats_b: Features, metric: str | Metric = "minibatch_cka",
+                     *, batch_size: int = 32, n_permutations: int = 1000, seed: int = 0,
+                     **params: Any) -> PermutationResult:
+    """Permutation test of association for every layer pair; ``metric`` is a registry name
+    (with ``params``) or a metric object. See :func:`repsim.metrics.inference.permutation_test`."""
+    from repsim.metrics import inference
+    from repsim.metrics.base import Metric
+
+    if isinstance(metric, str):
+        from repsim.plugins import build_part
+
+        metric = build_part("metric", metric, **params)
+    elif params:
+        raise TypeError("pass parameters when building the metric object, not both")
+    assert isinstance(metric, Metric)
+    return inference.permutation_test(feats_a, feats_b, metric, batch_size=batch_size,
+                                      n_permutations=n_permutations, seed=seed)
 
 
 def hsic1(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741 - the seeds' notation

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from repsim.metrics.base import Metric, PairTerms
-    from repsim.metrics.engine import SimilarityResult
+    from repsim.metrics.results import SimilarityResult
 
     Features = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
@@ -70,6 +70,21 @@ def bootstrap_distribution(source: PairTerms | SimilarityResult, n_resamples: in
     return c / (a[:, :, None] * d[:, None, :]).sqrt()
 
 
+def bootstrap_interval(source: PairTerms | SimilarityResult | None, n_resamples: int = 2000,
+                       confidence: float = 0.95, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentile bootstrap interval ``(low, high)``, each ``[La, Lb]``, from per-batch terms."""
+    import torch
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    dist = bootstrap_distribution(source, n_resamples, seed)  # type: ignore[arg-type]
+    alpha = (1 - confidence) / 2
+    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
+    low, high = torch.quantile(dist, q, dim=0)
+    return low, high
+
+
 def bootstrap_cka(
     source: PairTerms | SimilarityResult | Features,
     other: Features | None = None,
@@ -85,21 +100,13 @@ def bootstrap_cka(
     :class:`PairTerms`), or features: two tensors, or two mappings layer → tensor, compared
     with ``minibatch_cka`` in batches of ``batch_size``.
     """
-    import torch
-
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if other is not None:
         from repsim.metrics.cka import MinibatchCKA
         from repsim.metrics.engine import similarity_matrix
 
         source = similarity_matrix(MinibatchCKA(name="minibatch_cka"), _named(source, "x"),
                                    _named(other, "y"), batch_size, keep_batches=True)
-    dist = bootstrap_distribution(source, n_resamples, seed)  # type: ignore[arg-type]
-    alpha = (1 - confidence) / 2
-    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
-    low, high = torch.quantile(dist, q, dim=0)
-    return low, high
+    return bootstrap_interval(source, n_resamples, confidence, seed)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -120,18 +127,16 @@ def _named(feats: Any, default: str) -> dict[str, torch.Tensor]:
 def permutation_test(
     feats_a: Features,
     feats_b: Features,
-    metric: str | Metric = "minibatch_cka",
+    metric: Metric,
     *,
     batch_size: int = 32,
     n_permutations: int = 1000,
     seed: int = 0,
-    **params: Any,
 ) -> PermutationResult:
     """Permutation test of association for every layer pair (tensors, or mappings layer →
     tensor): shuffle the examples of ``feats_b``, recompute, compare with the observed value."""
     import torch
 
-    from repsim.api import get_metric
     from repsim.metrics.base import StreamingMetric
     from repsim.metrics.engine import (
         embed_groups,
@@ -139,7 +144,7 @@ def permutation_test(
         terms_from_groups,
     )
 
-    m = get_metric(metric, **params)
+    m = metric
     a, b = _named(feats_a, "x"), _named(feats_b, "y")
     observed = similarity_matrix(m, a, b, batch_size)  # validates the features
     xs, ys = list(a.values()), list(b.values())

@@ -11,7 +11,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 from repsim.errors import FeatureError
-from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
+from repsim.evaluators.base import Access, EvalContext, Evaluator, EvalResult, FeatureNeeds
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ def verdict(ok: bool) -> str:
 
 
 class PaperObservations(Evaluator):
-    after_metrics = True
+    access = Access(similarity=True)
 
     def __init__(self, params: ObservationsParams, name: str = "paper_observations") -> None:
         super().__init__(params, name)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from repsim.metrics.engine import SimilarityResult
+from repsim.metrics.results import SimilarityResult
 from repsim.plugins import registry
 
 ZOO = ["minizoo_dino", "minizoo_dino_ft", "minizoo_mae", "minizoo_mae_ft", "minizoo_mocov3",
@@ -106,7 +106,7 @@ class FakeContext:
 
 def _evaluate(ctx: FakeContext) -> Any:
     ev = registry("evaluator").get("paper_observations").create({})
-    assert ev.after_metrics and set(ev.needs.splits) == {"eval", "train"}
+    assert ev.access.similarity and set(ev.needs.splits) == {"eval", "train"}
     return ev.evaluate(ctx)
 
 

@@ -1,0 +1,144 @@
+"""The feature cache: what evaluators and full-batch metrics read after the pass.
+
+One module owns the key format. The writer is a sink that saves one safetensors shard per batch
+(``cache/SPLIT/000123.safetensors``) holding ``MODEL|LAYER|REDUCTION`` features in the cache
+dtype, ``MODEL|output|raw`` model outputs, ``labels`` and ``examples`` (dataset indices); the
+reader concatenates the shards of a split in order and hands out float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from repsim import store
+from repsim.errors import FeatureError
+from repsim.layers import OUTPUT, reduce_output
+from repsim.run.sinks import Sink
+
+if TYPE_CHECKING:
+    import torch
+
+    from repsim.run.features import FeatureBatch
+
+LABELS = "labels"
+EXAMPLES = "examples"
+RAW = "raw"
+
+
+def feature_key(model: str, layer: str, reduction: str) -> str:
+    return f"{model}|{layer}|{reduction}"
+
+
+def output_key(model: str) -> str:
+    return feature_key(model, OUTPUT, RAW)
+
+
+@dataclass
+class CachePlan:
+    """What to cache for one split: (model, layer, reduction) keys, and whether outputs."""
+
+    keys: set[tuple[str, str, str]] = field(default_factory=set)
+    outputs: bool = False
+    own: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, layer) -> reduction
+
+    def __bool__(self) -> bool:
+        return bool(self.keys) or self.outputs
+
+
+class CacheWriter(Sink):
+    """Writes the planned features of every batch to one shard (state: none; the shards are)."""
+
+    def __init__(self, directory: Path, plan: CachePlan, num_prefix_tokens: Mapping[str, int],
+                 dtype: torch.dtype) -> None:
+        super().__init__("cache")
+        self.directory = Path(directory)
+        self.plan = plan
+        self.num_prefix_tokens = dict(num_prefix_tokens)
+        self.dtype = dtype
+
+    def update(self, batch: FeatureBatch) -> None:
+        import torch
+
+        from repsim.metrics.engine import check_features
+
+        shard: dict[str, torch.Tensor] = {LABELS: batch.labels, EXAMPLES: batch.examples}
+        on_cuda = False
+        for model, layer, reduction in sorted(self.plan.keys):
+            where = f"model '{model}', layer '{layer}'"
+            try:
+                t = reduce_output(batch.raw[model][layer], reduction,
+                                  self.num_prefix_tokens[model], where)
+            except FeatureError:
+                if reduction == self.plan.own.get((model, layer)):
+                    raise
+                continue  # an extra reduction an evaluator asked for that this layer lacks
+            on_cuda |= t.is_cuda
+            shard[feature_key(model, layer, reduction)] = check_features(t, where).to(
+                self.dtype).to("cpu", non_blocking=True)
+        if self.plan.outputs:
+            for model, raw in batch.raw.items():
+                out = raw[OUTPUT]
+                on_cuda |= out.is_cuda
+                shard[output_key(model)] = out.reshape(out.shape[0], -1).float().to(
+                    "cpu", non_blocking=True)
+        if on_cuda:
+            torch.cuda.synchronize()  # the non-blocking copies above must land before the write
+        store.write_tensors(self.directory / f"{batch.index:06d}.safetensors", shard)
+
+    def compute(self) -> FeatureReader:
+        return FeatureReader(self.directory.parent)
+
+
+class FeatureReader:
+    """Reads a run's feature cache: one split's shards, concatenated in order, as float32."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = Path(cache_dir)
+        self._keys: dict[str, list[str]] = {}
+
+    def _shards(self, split: str) -> list[Path]:
+        shards = sorted((self.cache_dir / split).glob("[0-9]*.safetensors"))
+        if not shards:
+            cached = sorted(p.name for p in self.cache_dir.iterdir() if p.is_dir()) \
+                if self.cache_dir.exists() else []
+            raise KeyError(f"no cached features for split '{split}'; cached splits: {cached}")
+        return shards
+
+    def keys(self, split: str) -> list[str]:
+        if split not in self._keys:
+            from safetensors import safe_open
+
+            with safe_open(str(self._shards(split)[0]), framework="pt") as fh:
+                self._keys[split] = list(fh.keys())  # noqa: SIM118
+        return self._keys[split]
+
+    def read(self, split: str, key: str, what: str) -> torch.Tensor:
+        import torch
+        from safetensors import safe_open
+
+        if key not in self.keys(split):
+            raise KeyError(f"{what} was not cached for split '{split}': an evaluator must ask "
+                           "for it in its FeatureNeeds.")
+        parts = []
+        for shard in self._shards(split):
+            with safe_open(str(shard), framework="pt") as fh:
+                parts.append(fh.get_tensor(key))
+        out = torch.cat(parts)
+        return out.float() if torch.is_floating_point(out) else out
+
+    def features(self, model: str, layer: str, reduction: str, split: str) -> torch.Tensor:
+        what = f"features of model '{model}', layer '{layer}', reduction '{reduction}'"
+        key = feature_key(model, layer, reduction)
+        if key not in self.keys(split) and any(
+                k.startswith(f"{model}|{layer}|") for k in self.keys(split)):
+            raise FeatureError(f"{what}: this layer's output has no '{reduction}' reduction.")
+        return self.read(split, key, what)
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.read(split, LABELS, "labels")
+
+    def output(self, model: str, split: str) -> torch.Tensor:
+        return self.read(split, output_key(model), f"outputs of model '{model}'")

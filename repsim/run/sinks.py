@@ -1,0 +1,340 @@
+"""Sinks: the stateful consumers of feature batches.
+
+Every sink has the shape of torchmetrics' ``Metric``: states declared with :meth:`Sink.add_state`
+and a reduction (``"sum"`` for additive sums, ``"cat"`` for per-batch rows), ``update(batch)``,
+``state_dict()`` / ``load_state_dict()`` (what a checkpoint saves and a resume loads),
+``merge(other)`` (shards of the same data combine: sums add, rows concatenate) and
+``compute()``. Checkpointing is one loop over sinks (:func:`save_states`, :func:`load_states`);
+nothing outside a sink reads its internals.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from repsim import store
+from repsim.errors import FeatureError
+
+if TYPE_CHECKING:
+    import torch
+
+    from repsim.evaluators.base import StreamingEvaluator
+    from repsim.metrics.base import PairTerms, StreamingMetric
+    from repsim.metrics.results import SimilarityResult
+    from repsim.run.features import FeatureBatch
+
+Reduce = Literal["sum", "cat"]
+
+
+class Sink(ABC):
+    """A stateful consumer of :class:`~repsim.run.features.FeatureBatch` es."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._states: dict[str, torch.Tensor] = {}
+        self._reduce: dict[str, Reduce] = {}
+
+    def add_state(self, key: str, default: torch.Tensor, dist_reduce_fx: Reduce = "sum") -> None:
+        """Declare a state tensor and how shards combine it."""
+        self._states[key] = default
+        self._reduce[key] = dist_reduce_fx
+
+    @abstractmethod
+    def update(self, batch: FeatureBatch) -> None: ...
+
+    @abstractmethod
+    def compute(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._states)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        unknown = set(state) - set(self._states)
+        if unknown:
+            raise ValueError(f"sink '{self.name}': unknown state {sorted(unknown)}")
+        for key, value in state.items():
+            old = self._states[key]
+            self._states[key] = value.to(old.device, old.dtype)
+
+    def merge(self, other: Sink) -> None:
+        """Combine the state of a sink fed another shard of the same data."""
+        import torch
+
+        if set(other._states) != set(self._states):
+            raise ValueError(f"sink '{self.name}': cannot merge sinks of different states")
+        for key, how in self._reduce.items():
+            theirs = other._states[key].to(self._states[key].device)
+            self._states[key] = (self._states[key] + theirs if how == "sum"
+                                 else torch.cat([self._states[key], theirs]))
+
+
+class MetricSink(Sink):
+    """One streaming metric over every requested pair of several models.
+
+    Each forward batch is cut into the estimator's minibatches of ``minibatch`` examples; a
+    remainder waits for the next forward batch, so the result equals the sequential minibatch
+    estimate over the same ordered examples whatever the forward batch size. Per minibatch, each
+    model's layers are embedded once and each model pair gets the terms of every layer pair from
+    one GEMM; the states are float64 ``[La, Lb]`` sums on the engine's device.
+    """
+
+    def __init__(self, name: str, metric: StreamingMetric, layers: Mapping[str, Sequence[str]],
+                 pairs: Sequence[tuple[str, str]], minibatch: int, keep_batches: bool = False,
+                 device: torch.device | str = "cpu") -> None:
+        import torch
+
+        from repsim.metrics.engine import check_batch_size
+
+        super().__init__(name)
+        if not metric.properties.streaming:
+            raise TypeError(f"metric '{metric.name}' needs all examples at once; a MetricSink "
+                            "takes streaming metrics only")
+        check_batch_size(metric, minibatch, minibatch)
+        self.metric = metric
+        self.layers = {m: list(v) for m, v in layers.items()}
+        self.pairs = list(pairs)
+        self.minibatch = minibatch
+        self.keep_batches = keep_batches
+        f64 = {"dtype": torch.float64, "device": device}
+        for a, b in self.pairs:
+            la, lb = len(self.layers[a]), len(self.layers[b])
+            self.add_state(f"{a}|{b}|cross", torch.zeros(la, lb, **f64))
+            self.add_state(f"{a}|{b}|self_rows", torch.zeros(la, **f64))
+            self.add_state(f"{a}|{b}|self_cols", torch.zeros(lb, **f64))
+            if keep_batches:
+                self.add_state(f"{a}|{b}|batch_cross", torch.zeros(0, la, lb, **f64), "cat")
+                self.add_state(f"{a}|{b}|batch_self_rows", torch.zeros(0, la, **f64), "cat")
+                self.add_state(f"{a}|{b}|batch_self_cols", torch.zeros(0, lb, **f64), "cat")
+        self.add_state("counts", torch.zeros(2, dtype=torch.int64))  # minibatches, examples
+        self._pending: dict[str, list[torch.Tensor]] = {}  # model -> layers' waiting examples
+
+    # -- state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        pending = {f"pending|{m}|{i}": t for m, ts in self._pending.items()
+                   for i, t in enumerate(ts)}
+        return super().state_dict() | pending
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = {k: v for k, v in state.items() if not k.startswith("pending|")}
+        super().load_state_dict(own)
+        self._pending = {}
+        for key in sorted((k for k in state if k.startswith("pending|")),
+                          key=lambda k: int(k.rsplit("|", 1)[1])):
+            model = key.split("|")[1]
+            self._pending.setdefault(model, []).append(state[key])
+
+    def merge(self, other: Sink) -> None:
+        """Add another shard's sums; at most one of the two may hold a partial minibatch (the
+        last one of the data), which the merged sink keeps."""
+        assert isinstance(other, MetricSink)
+        if self._pending and other._pending:
+            raise ValueError(f"sink '{self.name}': both shards hold a partial minibatch; shards "
+                             "must be cut at minibatch boundaries")
+        super().merge(other)
+        self._pending = self._pending or dict(other._pending)
+
+    @property
+    def pending_examples(self) -> int:
+        return int(next(iter(self._pending.values()))[0].shape[0]) if self._pending else 0
+
+    # -- feeding
+
+    def update(self, batch: FeatureBatch) -> None:
+        self.update_features(batch.features)
+
+    def update_features(self, feats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Add one forward batch: ``feats[model][layer]`` is ``[n, ...]``, same n everywhere."""
+        import torch
+
+        from repsim.metrics.engine import check_features
+
+        checked: dict[str, list[torch.Tensor]] = {}
+        n = None
+        for model, names in self.layers.items():
+            checked[model] = []
+            for layer in names:
+                t = check_features(feats[model][layer], f"model '{model}', layer '{layer}'",
+                                   self.metric.name)
+                if n is None:
+                    n = t.shape[0]
+                elif t.shape[0] != n:
+                    raise FeatureError(
+                        f"metric '{self.metric.name}': model '{model}', layer '{layer}' gave "
+                        f"{t.shape[0]} examples in a batch of {n}; every layer must see the same "
+                        "examples.")
+                checked[model].append(t)
+        if not n:
+            return
+        if self._pending:
+            checked = {m: [torch.cat([p, t]) for p, t in zip(self._pending[m], ts)]
+                       for m, ts in checked.items()}
+            n += self.pending_examples
+        full = n // self.minibatch * self.minibatch
+        self._pending = {m: [t[full:].clone() for t in ts] for m, ts in checked.items()} \
+            if full < n else {}
+        if full:
+            self._add(self._terms({m: [t[:full] for t in ts] for m, ts in checked.items()}, full))
+
+    def _terms(self, feats: Mapping[str, list[torch.Tensor]], n: int,
+               last_batch: int | None = None) -> dict[tuple[str, str], PairTerms]:
+        """Terms of ``n`` examples cut into minibatches (the last one of ``last_batch``)."""
+        from repsim.metrics.engine import batch_slices, embed_slice, terms_from_groups
+
+        slices = ([(0, n, last_batch)] if last_batch is not None else
+                  batch_slices(n, self.minibatch, self.metric.min_batch_size,
+                               max(len(ts) for ts in feats.values())))
+        out: dict[tuple[str, str], PairTerms] = {}
+        for start, stop, size in slices:
+            embedded = {m: embed_slice(self.metric, ts, start, stop, size)
+                        for m, ts in feats.items()}
+            for a, b in self.pairs:
+                part = terms_from_groups([embedded[a]], [embedded[b]], self.keep_batches)
+                part.n_examples = stop - start
+                out[(a, b)] = part if (a, b) not in out else out[(a, b)] + part
+        return out
+
+    def _add(self, terms: Mapping[tuple[str, str], PairTerms]) -> None:
+        import torch
+
+        s = self._states
+        for (a, b), t in terms.items():
+            p = f"{a}|{b}|"
+            s[p + "cross"] += t.cross
+            s[p + "self_rows"] += t.self_rows
+            s[p + "self_cols"] += t.self_cols
+            if self.keep_batches:
+                for key, rows in (("batch_cross", t.batch_cross),
+                                  ("batch_self_rows", t.batch_self_rows),
+                                  ("batch_self_cols", t.batch_self_cols)):
+                    s[p + key] = torch.cat([s[p + key], *rows])
+        first = next(iter(terms.values()))
+        s["counts"] += torch.tensor([first.n_batches, first.n_examples])
+
+    # -- result
+
+    def _final_terms(self) -> tuple[dict[tuple[str, str], PairTerms], int, int]:
+        """Every pair's terms with the waiting examples as a last, short minibatch if the
+        estimator takes that many; (terms, minibatches, examples) without changing the state."""
+        from repsim.metrics.base import PairTerms
+
+        s = self._states
+        batches, examples = (int(v) for v in s["counts"].tolist())
+        terms = {}
+        for a, b in self.pairs:
+            p = f"{a}|{b}|"
+            keep = self.keep_batches
+            terms[(a, b)] = PairTerms(
+                s[p + "cross"].clone(), s[p + "self_rows"].clone(), s[p + "self_cols"].clone(),
+                batches, examples, [s[p + "batch_cross"]] if keep else [],
+                [s[p + "batch_self_rows"]] if keep else [],
+                [s[p + "batch_self_cols"]] if keep else [])
+        rest = self.pending_examples
+        if rest >= self.metric.min_batch_size:
+            last = self._terms(self._pending, rest, last_batch=rest)
+            terms = {k: terms[k] + last[k] for k in terms}
+            batches, examples = batches + 1, examples + rest
+        return terms, batches, examples
+
+    def compute(self) -> dict[tuple[str, str], SimilarityResult]:
+        """The result of every pair (float64 on the host)."""
+        from repsim.metrics.engine import undefined_notes
+        from repsim.metrics.results import SimilarityResult
+
+        terms, batches, examples = self._final_terms()
+        if not batches:
+            raise FeatureError(
+                f"no minibatch reached metric '{self.metric.name}': the data gave "
+                f"{self.pending_examples} examples, fewer than the "
+                f"{self.metric.min_batch_size} its estimator needs.")
+        dropped = self.pending_examples if self.pending_examples < self.metric.min_batch_size \
+            else 0
+        out = {}
+        for (a, b), t in terms.items():
+            t = _to_host(t)
+            values = self.metric.finalize(t)
+            desc = self.metric.describe() | {"batch_size": self.minibatch, "batches": batches,
+                                             "examples": examples}
+            notes = [f"{dropped} examples of a last short minibatch were left out: the "
+                     f"estimator needs at least {self.metric.min_batch_size} per minibatch."
+                     ] if dropped else []
+            notes += undefined_notes(values, self.layers[a], self.layers[b], t)
+            out[(a, b)] = SimilarityResult(values, self.layers[a], self.layers[b],
+                                           self.metric.name, desc, notes, t)
+        return out
+
+
+def _to_host(t: PairTerms) -> PairTerms:
+    from repsim.metrics.base import PairTerms
+
+    def cpu(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.cpu() for x in xs]
+
+    return PairTerms(t.cross.cpu(), t.self_rows.cpu(), t.self_cols.cpu(), t.n_batches,
+                     t.n_examples, cpu(t.batch_cross), cpu(t.batch_self_rows),
+                     cpu(t.batch_self_cols))
+
+
+class ObserverSink(Sink):
+    """A streaming evaluator watching raw outputs of chosen layers during one split's pass."""
+
+    def __init__(self, name: str, evaluator: StreamingEvaluator,
+                 layers: Mapping[str, Sequence[str]]) -> None:
+        super().__init__(name)
+        self.evaluator = evaluator
+        self.layers = {m: list(v) for m, v in layers.items()}
+
+    def update(self, batch: FeatureBatch) -> None:
+        for model, layers in self.layers.items():
+            for layer in layers:
+                self.evaluator.observe(batch.split, model, layer, batch.raw[model][layer],
+                                       batch.labels, batch.info[model])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.evaluator.state()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.evaluator.load_state(dict(state))
+
+    def merge(self, other: Sink) -> None:
+        """Observer state is additive: the sums of both shards."""
+        assert isinstance(other, ObserverSink)
+        mine, theirs = self.state_dict(), other.state_dict()
+        self.load_state_dict({k: mine.get(k, 0) + theirs.get(k, 0)  # type: ignore[misc]
+                              for k in {*mine, *theirs}})
+
+    def compute(self) -> None:
+        """The evaluator itself reports, after the pass."""
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_states(state_dir: Path, sinks: Sequence[Sink], batches: int, done: bool) -> None:
+    """Save every sink's state, then the progress record last (a resume trusts only what the
+    progress record says was saved)."""
+    for sink in sinks:
+        state = sink.state_dict()
+        if state:
+            store.write_tensors(state_dir / f"sink_{sink.name}.safetensors", state)
+    store.write_json(state_dir / "progress.json", {"batches": batches, "done": done})
+
+
+def load_states(state_dir: Path, sinks: Sequence[Sink]) -> int:
+    """Load what :func:`save_states` saved; returns the batches already seen (0 if none)."""
+    progress_file = state_dir / "progress.json"
+    if not progress_file.exists():
+        return 0
+    for sink in sinks:
+        path = state_dir / f"sink_{sink.name}.safetensors"
+        if path.exists():
+            sink.load_state_dict(store.read_tensors(path))
+    return int(store.read_json(progress_file)["batches"])
+
+
+def pass_done(state_dir: Path) -> bool:
+    progress_file = state_dir / "progress.json"
+    return progress_file.exists() and bool(store.read_json(progress_file).get("done"))
