@@ -112,6 +112,8 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, depth: in
     import torch
     import torch.nn.functional as F
 
+    from repsim.training import train
+
     n = x.shape[0]
     if n < 2:
         raise FeatureError(f"a probe needs at least 2 training examples; got {n}.")
@@ -123,21 +125,18 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, depth: in
         model = build_probe(x.shape[1], num_classes, depth, hidden).to(x.device)
     opt = _optimizer(model, optimizer, base_lr * bs / 256, weight_decay, momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, warmup, total))
-    gen = torch.Generator().manual_seed(seed)
     y = y.to(x.device, torch.long)
+
+    def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(n, generator=gen).to(x.device)
+        for i in range(steps_per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            yield x[idx], y[idx]
+
     dims = [x.shape[1]] + [hidden or x.shape[1]] * depth + [num_classes]
     work = bs * sum(a * b for a, b in zip(dims, dims[1:]))  # multiply-adds of one forward step
-    model.train()
     with _threads(work if x.device.type == "cpu" else SMALL_STEP):
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen).to(x.device)
-            for i in range(steps_per_epoch):
-                idx = order[i * bs:(i + 1) * bs]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+        train(model, batches, F.cross_entropy, opt, epochs, schedule=sched, seed=seed)
     return model.eval()
 
 

@@ -1,0 +1,170 @@
+"""The training loop shared by evaluators that train networks (probes; fine-tuning, detectors).
+
+Epochs of steps over batches a callable yields per epoch, with mixed precision, gradient
+accumulation, optional clipping, a private seeded RNG and checkpoints at epoch boundaries from
+which a run resumes bit-identically (on CPU). Imported only when training runs: it imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from repsim.errors import CheckpointError, DeviceError
+from repsim.store import atomic_path
+
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
+                                                  "fp16": torch.float16}
+
+
+@dataclass
+class History:
+    """What a run did: the mean loss of every epoch (resumed ones included)."""
+
+    loss: list[float]
+    resumed_at: int = 0  # epochs already done in the checkpoint it started from (0: fresh)
+
+
+def train(model: nn.Module, batches: Callable[[torch.Generator], Iterable[tuple[Any, Any]]],
+          loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: torch.optim.Optimizer,
+          epochs: int, *, schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+          precision: Precision = "fp32", accumulate: int = 1,
+          clip_grad_norm: float | None = None, seed: int = 0,
+          checkpoint: str | Path | None = None,
+          on_epoch: Callable[[int, float], None] | None = None) -> History:
+    """Train ``model`` for ``epochs`` epochs; returns the loss history. The model is left in
+    train mode, on the device it was given on (batches must already be there).
+
+    ``batches(generator)`` is called once per epoch and yields ``(inputs, target)`` pairs; the loss
+    is ``loss_fn(model(inputs), target)``. ``generator`` is the loop's seeded CPU
+    ``torch.Generator``: draw shuffles from it (it is checkpointed). Global-RNG draws inside the
+    loop (dropout) come from generators seeded with ``seed`` too; the caller's RNG is restored.
+
+    ``precision``: autocast of the forward and loss to bf16 or fp16 (fp16 with a gradient scaler;
+    CUDA only). ``accumulate``: micro-batches per optimizer step, each loss divided by it; an
+    epoch's short last group steps with the mean gradient of the micro-batches it had.
+    ``schedule`` steps once per optimizer step. ``clip_grad_norm``: max total gradient 2-norm.
+
+    ``checkpoint``: after each epoch, model, optimizer, schedule, scaler, RNG states and history
+    are written there atomically; an existing checkpoint is loaded and the run continues after its
+    last epoch. ``on_epoch(epochs_done, epoch_loss)`` runs before that epoch's checkpoint, so an
+    epoch whose callback raised is redone (callback included) on resume.
+    """
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}; got {precision!r}")
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1; got {accumulate}")
+    device = next(model.parameters()).device
+    if precision == "fp16" and device.type == "cpu":
+        raise DeviceError("precision 'fp16' (autocast with a gradient scaler) is for GPUs; the "
+                          "model is on the CPU: use precision 'bf16' or 'fp32' there.")
+    dtype = AUTOCAST_DTYPES[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    generator = torch.Generator().manual_seed(seed)
+    stateful: dict[str, Any] = {"model": model, "optimizer": optimizer, "scaler": scaler}
+    if schedule is not None:
+        stateful["schedule"] = schedule
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    path = Path(checkpoint) if checkpoint is not None else None
+
+    def step(micro: int) -> None:
+        if micro < accumulate:  # each loss was divided by ``accumulate``: make it their mean
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(accumulate / micro)
+        if clip_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if schedule is not None:
+            schedule.step()
+
+    rngs = _global_generators(device)
+    with _restored(rngs):
+        for g in rngs:
+            g.manual_seed(seed)
+        history = History([])
+        if path is not None and path.exists():
+            history = _load(path, stateful, generator, rngs, epochs)
+        for epoch in range(len(history.loss), epochs):
+            model.train()  # the callback may have evaluated it
+            total, count = torch.zeros((), device=device), 0
+            for inputs, target in batches(generator):
+                if count % accumulate == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = loss_fn(model(inputs), target)
+                # No division by 1: its autograd node costs tiny probes ~5 % of a step.
+                scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+                total += loss.detach().float()
+                count += 1
+                if count % accumulate == 0:
+                    step(accumulate)
+            if count == 0:
+                raise ValueError(f"epoch {epoch + 1} yielded no batches")
+            if count % accumulate:
+                step(count % accumulate)
+            history.loss.append(float(total) / count)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, history.loss[-1])
+            if path is not None:
+                _save(path, stateful, generator, rngs, history)
+    return history
+
+
+def _global_generators(device: torch.device) -> list[torch.Generator]:
+    """The global generators random ops in the loop draw from: the CPU's and the model's GPU's."""
+    gens = [torch.random.default_generator]
+    if device.type == "cuda":
+        gens.append(torch.cuda.default_generators[device.index if device.index is not None
+                                                  else torch.cuda.current_device()])
+    return gens
+
+
+@contextmanager
+def _restored(gens: list[torch.Generator]) -> Iterator[None]:
+    """Give the caller back the generators' states after the block (like ``fork_rng``, but only
+    these: ``torch.manual_seed`` would also reseed every GPU, lazily if CUDA is not started)."""
+    saved = [g.get_state() for g in gens]
+    try:
+        yield
+    finally:
+        for g, state in zip(gens, saved):
+            g.set_state(state)
+
+
+def _save(path: Path, stateful: dict[str, Any], generator: torch.Generator,
+          rngs: list[torch.Generator], history: History) -> None:
+    state = {name: part.state_dict() for name, part in stateful.items()}
+    state.update(epoch=len(history.loss), loss=history.loss, generator=generator.get_state(),
+                 rng=[g.get_state() for g in rngs])
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load(path: Path, stateful: dict[str, Any], generator: torch.Generator,
+          rngs: list[torch.Generator], epochs: int) -> History:
+    """Restore everything from a checkpoint; the history of the epochs it holds."""
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, part in stateful.items():
+            part.load_state_dict(state[name])
+        generator.set_state(state["generator"])
+        for g, rng in zip(rngs, state["rng"], strict=True):  # a CPU run's checkpoint has one
+            g.set_state(rng)
+    except Exception as exc:  # truncated, foreign, or from another model, optimizer or device
+        raise CheckpointError(f"cannot resume from training checkpoint {path}: {exc}; delete it "
+                              "to start afresh.") from exc
+    if state["epoch"] > epochs:
+        raise CheckpointError(f"training checkpoint {path} is at epoch {state['epoch']}, past the "
+                              f"{epochs} asked for; delete it to start afresh.")
+    return History(list(state["loss"]), resumed_at=state["epoch"])
