@@ -89,6 +89,7 @@ class FullBatchMetric(Metric):
         import torch
 
         from repsim.metrics.engine import check_features, check_same_n, is_constant
+        from repsim.threads import blas_pool
 
         row_names = list(row_names or [f"row layer {i}" for i in range(len(xs))])
         col_names = list(col_names or [f"column layer {j}" for j in range(len(ys))])
@@ -105,13 +106,14 @@ class FullBatchMetric(Metric):
         if n < need:
             raise FeatureError(f"metric '{self.name}': {n} examples are too few; it needs at least "
                                f"{need}. Compare on more examples.")
-        prepared = {key: (None if constant[key] else self.prepare(lay))
-                    for key, lay in layers.items()}
-        rows = [prepared[id(x)] for x in xs]
-        cols = [prepared[id(y)] for y in ys]
         out = np.full((len(xs), len(ys)), np.nan)
-        ri = [i for i, p in enumerate(rows) if p is not None]
-        ci = [j for j, p in enumerate(cols) if p is not None]
-        if ri and ci:
-            out[np.ix_(ri, ci)] = self.values([rows[i] for i in ri], [cols[j] for j in ci])
+        with blas_pool():  # see repsim.threads: the BLAS and torch pools must not spin together
+            prepared = {key: (None if constant[key] else self.prepare(lay))
+                        for key, lay in layers.items()}
+            rows = [prepared[id(x)] for x in xs]
+            cols = [prepared[id(y)] for y in ys]
+            ri = [i for i, p in enumerate(rows) if p is not None]
+            ci = [j for j, p in enumerate(cols) if p is not None]
+            if ri and ci:
+                out[np.ix_(ri, ci)] = self.values([rows[i] for i in ri], [cols[j] for j in ci])
         return torch.from_numpy(out)

@@ -7,27 +7,19 @@ engine keeps float64 sums. On Apple's MPS, which has no float64, the engine runs
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ContextManager
 
 from repsim.errors import DeviceError
+from repsim.threads import available_cores
 
 if TYPE_CHECKING:
     import torch
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 _AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_device(name: str) -> torch.device:
