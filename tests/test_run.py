@@ -80,7 +80,8 @@ def run_interrupted_then_resumed(path: Path, out: Path, monkeypatch) -> Path:
     monkeypatch.setattr(MetricSink, "update", failing_update)
     with pytest.raises(KeyboardInterrupt):
         Run(check_recipe(path), out, progress=False, quiet=True).execute()
-    assert store.read_json(out / "cache/eval/progress.json") == {"batches": 2, "done": False}
+    assert store.read_json(out / "cache/eval/rank0/progress.json") == {
+        "batches": 2, "done": False, "world_size": 1}
     monkeypatch.setattr(MetricSink, "update", original)
     return Run(check_recipe(path), out, progress=False, quiet=True).execute()
 

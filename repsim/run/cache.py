@@ -1,9 +1,10 @@
 """The feature cache: what evaluators and full-batch metrics read after the pass.
 
 One module owns the key format. The writer is a sink that saves one safetensors shard per batch
-(``cache/SPLIT/000123.safetensors``) holding ``MODEL|LAYER|REDUCTION`` features in the cache
-dtype, ``MODEL|output|raw`` model outputs, ``labels`` and ``examples`` (dataset indices); the
-reader concatenates the shards of a split in order and hands out float32.
+(``cache/SPLIT/RANK-BATCH.safetensors``) holding ``MODEL|LAYER|REDUCTION`` features in the cache
+dtype, ``MODEL|output|raw`` model outputs, ``labels``, ``examples`` (dataset indices) and
+``positions`` (places in the split's sampled order); the reader concatenates the shards of every
+rank in the order of their positions, so it sees one dataset in global order, as float32.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 LABELS = "labels"
 EXAMPLES = "examples"
+POSITIONS = "positions"
 RAW = "raw"
 
 
@@ -52,9 +54,10 @@ class CacheWriter(Sink):
     """Writes the planned features of every batch to one shard (state: none; the shards are)."""
 
     def __init__(self, directory: Path, plan: CachePlan, num_prefix_tokens: Mapping[str, int],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, rank: int = 0) -> None:
         super().__init__("cache")
         self.directory = Path(directory)
+        self.rank = rank
         self.plan = plan
         self.num_prefix_tokens = dict(num_prefix_tokens)
         self.dtype = dtype
@@ -64,7 +67,8 @@ class CacheWriter(Sink):
 
         from repsim.metrics.engine import check_features
 
-        shard: dict[str, torch.Tensor] = {LABELS: batch.labels, EXAMPLES: batch.examples}
+        shard: dict[str, torch.Tensor] = {LABELS: batch.labels, EXAMPLES: batch.examples,
+                                          POSITIONS: batch.positions}
         on_cuda = False
         for model, layer, reduction in sorted(self.plan.keys):
             where = f"model '{model}', layer '{layer}'"
@@ -86,7 +90,8 @@ class CacheWriter(Sink):
                     "cpu", non_blocking=True)
         if on_cuda:
             torch.cuda.synchronize()  # the non-blocking copies above must land before the write
-        store.write_tensors(self.directory / f"{batch.index:06d}.safetensors", shard)
+        store.write_tensors(self.directory / f"{self.rank:03d}-{batch.index:06d}.safetensors",
+                            shard)
 
     def compute(self) -> FeatureReader:
         return FeatureReader(self.directory.parent)
@@ -98,6 +103,7 @@ class FeatureReader:
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = Path(cache_dir)
         self._keys: dict[str, list[str]] = {}
+        self._order: dict[str, torch.Tensor] = {}
 
     def _shards(self, split: str) -> list[Path]:
         shards = sorted((self.cache_dir / split).glob("[0-9]*.safetensors"))
@@ -117,17 +123,28 @@ class FeatureReader:
 
     def read(self, split: str, key: str, what: str) -> torch.Tensor:
         import torch
-        from safetensors import safe_open
 
         if key not in self.keys(split):
             raise KeyError(f"{what} was not cached for split '{split}': an evaluator must ask "
                            "for it in its FeatureNeeds.")
+        out = self._cat(split, key)[self._global_order(split)]
+        return out.float() if torch.is_floating_point(out) else out
+
+    def _cat(self, split: str, key: str) -> torch.Tensor:
+        import torch
+        from safetensors import safe_open
+
         parts = []
         for shard in self._shards(split):
             with safe_open(str(shard), framework="pt") as fh:
                 parts.append(fh.get_tensor(key))
-        out = torch.cat(parts)
-        return out.float() if torch.is_floating_point(out) else out
+        return torch.cat(parts)
+
+    def _global_order(self, split: str) -> torch.Tensor:
+        """Where each example of the shards (in file order) goes: by position."""
+        if split not in self._order:
+            self._order[split] = self._cat(split, POSITIONS).argsort(stable=True)
+        return self._order[split]
 
     def features(self, model: str, layer: str, reduction: str, split: str) -> torch.Tensor:
         what = f"features of model '{model}', layer '{layer}', reduction '{reduction}'"

@@ -13,13 +13,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from repsim import store
 from repsim.errors import RecipeError
 from repsim.recipe import CheckedRecipe
 from repsim.run import results as results_stage
 from repsim.run.evaluate import run_evaluators
+from repsim.run.distributed import World
 from repsim.run.plan import EVAL, RunPlan
 from repsim.run.sinks import load_states, pass_done, save_states
 
@@ -48,46 +49,75 @@ class Run:
         self.dir = Path(out or self.recipe.run.output)
         self.progress = progress
         self.quiet = quiet
+        self.world = World()
+        self.group: Any = None
+        self.timing: dict[str, float] = {}  # seconds per stage, for provenance
 
     def say(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.world.is_main:
             print(msg, file=sys.stderr)
 
     def execute(self) -> Path:
         import torch
 
-        from repsim.report import records_table
-        from repsim.run.cache import FeatureReader
         from repsim.run.device import DeviceSettings, configured
+        from repsim.run.distributed import check_same, process_group, world_from_env
 
         started = time.time()
-        settings = DeviceSettings.from_run(self.recipe.run)
-        with configured(settings):
+        self.world = world = world_from_env()
+        settings = DeviceSettings.from_run(self.recipe.run, world.local_rank, world.local_size)
+        with configured(settings), process_group(world, settings.device) as group:
+            self.group = group
+            if world.distributed:
+                check_same(fingerprint(self.checked), "recipes", group, world)
             torch.manual_seed(self.recipe.run.seed)
-            self._claim_directory()
+            if world.is_main:
+                self._claim_directory()
+            self._barrier()
             plan = RunPlan.build(self.checked, settings, self.say)
             streamed = {}
             for split in plan.splits():
+                t = time.perf_counter()
                 metric_sinks = self._pass(plan, split)
-                streamed |= {key: sink.compute() for key, sink in metric_sinks.items()}
-            reader = FeatureReader(self.dir / "cache")
-            run_evaluators(self.dir, plan, reader, {}, after_metrics=False, say=self.say)
-            results = results_stage.finalise(plan, streamed, reader)
-            for (key, a, b), result in results.items():
-                results_stage.write_similarity(self.dir, plan, key, a, b, result)
-                for note in result.notes:
-                    if note not in plan.notes:
-                        plan.notes.append(note)
-                        self.say(f"note ({key}, {a} vs {b}): {note}")
-            run_evaluators(self.dir, plan, reader, results, after_metrics=True, say=self.say)
-            headers, rows = results_stage.summary_rows(plan, results)
-            summary = records_table(headers, rows) if rows else "(no similarity metrics)"
-            store.write_json(self.dir / "provenance.json",
-                             results_stage.provenance(plan, started))
-            store.write_text(self.dir / "summary.md",
-                             results_stage.summary_md(self.dir, self.recipe.run.name, summary))
-        self.say(summary)
+                self.timing[f"pass {split}"] = round(time.perf_counter() - t, 3)
+                if world.is_main:
+                    streamed |= {key: sink.compute() for key, sink in metric_sinks.items()}
+            self._barrier()  # every rank's feature cache is written
+            if world.is_main:
+                summary = self._results(plan, streamed, started)
+        if world.is_main:
+            self.say(summary)
         return self.dir
+
+    def _results(self, plan: RunPlan, streamed: dict[str, Any], started: float) -> str:
+        """Evaluators, similarity results, provenance and summary (rank 0 alone)."""
+        from repsim.report import records_table
+        from repsim.run.cache import FeatureReader
+
+        reader = FeatureReader(self.dir / "cache")
+        run_evaluators(self.dir, plan, reader, {}, after_metrics=False, say=self.say)
+        results = results_stage.finalise(plan, streamed, reader)
+        for (key, a, b), result in results.items():
+            results_stage.write_similarity(self.dir, plan, key, a, b, result)
+            for note in result.notes:
+                if note not in plan.notes:
+                    plan.notes.append(note)
+                    self.say(f"note ({key}, {a} vs {b}): {note}")
+        run_evaluators(self.dir, plan, reader, results, after_metrics=True, say=self.say)
+        headers, rows = results_stage.summary_rows(plan, results)
+        summary = records_table(headers, rows) if rows else "(no similarity metrics)"
+        store.write_json(self.dir / "provenance.json",
+                         results_stage.provenance(plan, started) | {
+                             "world_size": self.world.size, "timing": self.timing})
+        store.write_text(self.dir / "summary.md",
+                         results_stage.summary_md(self.dir, self.recipe.run.name, summary))
+        return summary
+
+    def _barrier(self) -> None:
+        if self.world.distributed:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
 
     def _claim_directory(self) -> None:
         fp = fingerprint(self.checked)
@@ -123,62 +153,79 @@ class Run:
             sinks.append(CacheWriter(self.dir / "cache" / split, cache,
                                      {k: m.loaded.num_prefix_tokens
                                       for k, m in plan.models.items()},
-                                     plan.settings.cache_torch_dtype))
+                                     plan.settings.cache_torch_dtype, self.world.rank))
         for key, ev in plan.observers(split).items():
             sinks.append(ObserverSink(f"observer_{key}", ev, plan.observed.get(key, {})))
         return metrics, sinks
 
     def _pass(self, plan: RunPlan, split: str) -> dict[str, MetricSink]:
-        """One pass over a split: models forward once per batch, every sink fed, state saved
-        every ``checkpoint_every`` batches; a finished pass is only loaded."""
+        """One pass over this rank's share of a split: models forward once per batch, every sink
+        fed, state saved every ``checkpoint_every`` batches; a finished pass is only loaded.
+        With several ranks, rank 0's sinks end as the merge of all of them."""
         from tqdm import tqdm
 
         from repsim.layers import OUTPUT
         from repsim.run.device import out_of_memory
+        from repsim.run.distributed import batch_unit, rank_positions
         from repsim.run.features import FeaturePass
         from repsim.run.source import BatchSource, sample_indices
 
         metrics, sinks = self._sinks(plan, split)
-        state_dir = self.dir / "cache" / split
-        start = load_states(state_dir, sinks)
-        if pass_done(state_dir):
-            return metrics
+        state_dir = self.dir / "cache" / split / f"rank{self.world.rank}"
         dataset = plan.split_dataset(split)
         limit = plan.examples(split)
-        if limit is not None and limit > len(dataset):
-            self.say(f"run.examples = {limit} but split '{dataset.split}' of '{dataset.name}' "
-                     f"has {len(dataset)}; using all {len(dataset)}")
         run = self.recipe.run
-        transforms = list(dict.fromkeys(m.loaded.preprocess for m in plan.models.values()))
-        source = BatchSource(dataset, sample_indices(len(dataset), run.seed, limit), transforms,
-                             run.batch_size, plan.settings.device, run.num_workers, run.prefetch)
-        extra: dict[str, list[str]] = {}
-        for label in plan.models:
-            if plan.cache.get(split) and plan.cache[split].outputs:
-                extra.setdefault(label, []).append(OUTPUT)
-            for key in plan.observers(split):
-                extra.setdefault(label, []).extend(plan.observed.get(key, {}).get(label, []))
-        forward = FeaturePass(plan.models, transforms, extra, plan.settings)
-        if start:
-            self.say(f"{split}: resuming after {start} saved batches")
-        bar = tqdm(total=len(source), initial=start, desc=f"{split} pass", unit="batch",
-                   disable=not self.progress, file=sys.stderr)
-        b = start
-        with forward.attached():
-            for host in source.batches(start):
-                try:
-                    batch = forward(split, host.index, host.inputs, host.labels, host.examples)
-                except _oom_errors() as exc:
-                    raise out_of_memory(plan.settings, run.batch_size,
-                                        f"in the forwards of split '{split}'") from exc
-                for sink in sinks:
-                    sink.update(batch)
-                b += 1
-                bar.update(1)
-                if b % run.checkpoint_every == 0:
-                    save_states(state_dir, sinks, b, done=False)
-        bar.close()
-        save_states(state_dir, sinks, b, done=True)
+        indices = sample_indices(len(dataset), run.seed, limit)
+        unit = batch_unit([m.minibatch(run.batch_size)  # type: ignore[attr-defined]
+                           for m in plan.streaming_metrics().values()], run.batch_size)
+        start = load_states(state_dir, sinks, self.world.size)
+        if not pass_done(state_dir):
+            if limit is not None and limit > len(dataset):
+                self.say(f"run.examples = {limit} but split '{dataset.split}' of "
+                         f"'{dataset.name}' has {len(dataset)}; using all {len(dataset)}")
+            positions = rank_positions(len(indices), unit, self.world)
+            transforms = list(dict.fromkeys(m.loaded.preprocess for m in plan.models.values()))
+            source = BatchSource(dataset, [indices[p] for p in positions], transforms,
+                                 run.batch_size, plan.settings.device, run.num_workers,
+                                 run.prefetch, positions)
+            extra: dict[str, list[str]] = {}
+            for label in plan.models:
+                if plan.cache.get(split) and plan.cache[split].outputs:
+                    extra.setdefault(label, []).append(OUTPUT)
+                for key in plan.observers(split):
+                    extra.setdefault(label, []).extend(plan.observed.get(key, {}).get(label, []))
+            forward = FeaturePass(plan.models, transforms, extra, plan.settings)
+            if start:
+                self.say(f"{split}: resuming after {start} saved batches")
+            bar = tqdm(total=len(source), initial=start, desc=f"{split} pass", unit="batch",
+                       disable=not (self.progress and self.world.is_main), file=sys.stderr)
+            b = start
+            with forward.attached():
+                for host in source.batches(start):
+                    try:
+                        batch = forward(split, host.index, host.inputs, host.labels,
+                                        host.examples, host.positions)
+                    except _oom_errors() as exc:
+                        raise out_of_memory(plan.settings, run.batch_size,
+                                            f"in the forwards of split '{split}'") from exc
+                    for sink in sinks:
+                        sink.update(batch)
+                    b += 1
+                    bar.update(1)
+                    if b % run.checkpoint_every == 0:
+                        save_states(state_dir, sinks, b, False, self.world.size)
+            bar.close()
+            for sink in metrics.values():
+                sink.close()
+            save_states(state_dir, sinks, b, True, self.world.size)
+        if self.world.distributed:
+            from repsim.run.distributed import gather_to_main, merge_ranks
+
+            t = time.perf_counter()
+            states = gather_to_main(sinks, self.group, self.world)
+            if states is not None:
+                merge_ranks(sinks, states, len(indices), unit)
+            self.timing[f"merge {split}"] = round(time.perf_counter() - t, 4)
         return metrics
 
 

@@ -66,14 +66,27 @@ class DeviceSettings:
     threads: int = 1
 
     @classmethod
-    def from_run(cls, run: Any) -> DeviceSettings:
-        """Settings of a recipe's ``[run]`` section."""
+    def from_run(cls, run: Any, local_rank: int = 0, local_size: int = 1) -> DeviceSettings:
+        """Settings of a recipe's ``[run]`` section for one process of ``local_size`` on its
+        machine: each gets its own GPU (``cuda`` means ``cuda:LOCAL_RANK``) and a share of the
+        cores."""
+        import torch
+
         device = resolve_device(run.device)
+        if device.type == "cuda" and device.index is None and local_size > 1:
+            count = torch.cuda.device_count()
+            if count > 1 and local_rank >= count:
+                raise DeviceError(
+                    f"process {local_rank} of {local_size} on this machine has no GPU of its own "
+                    f"({count} visible): start at most that many processes per machine "
+                    "(--nproc / --nproc-per-node).")
+            # One visible GPU: the launcher gave each process its own (srun --gpus-per-task).
+            device = torch.device("cuda", local_rank if count > 1 else 0)
         if run.precision == "fp16" and device.type == "cpu":
             raise DeviceError("run.precision = 'fp16' on the CPU: CPU autocast computes in "
                               "bfloat16 only. Use precision = 'bf16' or 'fp32' there.")
-        return cls(device, run.precision, run.tf32, run.cache_dtype,
-                   run.threads or available_cores())
+        threads = run.threads or max(1, available_cores() // local_size)
+        return cls(device, run.precision, run.tf32, run.cache_dtype, threads)
 
     @property
     def engine_device(self) -> torch.device:

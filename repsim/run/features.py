@@ -28,12 +28,14 @@ class FeatureBatch:
     ``features[model][layer]``: ``[n, D]`` float32 in the model's (or group's) reduction, on the
     engine's device. ``raw[model][layer]``: the tapped outputs (float32, on the run's device),
     for the feature cache's extra reductions and the streaming observers. ``examples``: the
-    dataset indices of the batch, in order; ``labels`` on the host.
+    dataset indices of the batch, in order; ``positions`` their places in the split's sampled
+    order (global across ranks); ``labels`` on the host.
     """
 
     split: str
     index: int
     examples: torch.Tensor
+    positions: torch.Tensor
     labels: torch.Tensor
     features: dict[str, dict[str, torch.Tensor]]
     raw: dict[str, dict[str, torch.Tensor]]
@@ -74,7 +76,8 @@ class FeaturePass:
             yield self
 
     def __call__(self, split: str, index: int, inputs: Sequence[torch.Tensor],
-                 labels: torch.Tensor, examples: torch.Tensor) -> FeatureBatch:
+                 labels: torch.Tensor, examples: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> FeatureBatch:
         import torch
 
         engine = self.settings.engine_device
@@ -93,4 +96,6 @@ class FeaturePass:
                                      plan.loaded.num_prefix_tokens,
                                      f"model '{label}', layer '{layer}'").to(engine)
                 for layer in plan.layers}
-        return FeatureBatch(split, index, examples, labels, features, raw, self.info)
+        if positions is None:
+            positions = torch.arange(len(examples))
+        return FeatureBatch(split, index, examples, positions, labels, features, raw, self.info)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from repsim import store
-from repsim.errors import FeatureError
+from repsim.errors import FeatureError, RecipeError
 
 if TYPE_CHECKING:
     import torch
@@ -69,14 +69,31 @@ class Sink(ABC):
 
     def merge(self, other: Sink) -> None:
         """Combine the state of a sink fed another shard of the same data."""
+        self.merge_state(other.state_dict())
+
+    def merge_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Combine the state (``state_dict()``) of a sink fed another shard: sums add, rows
+        concatenate after this sink's."""
         import torch
 
-        if set(other._states) != set(self._states):
+        if set(state) != set(self._states):
             raise ValueError(f"sink '{self.name}': cannot merge sinks of different states")
         for key, how in self._reduce.items():
-            theirs = other._states[key].to(self._states[key].device)
+            theirs = state[key].to(self._states[key].device)
             self._states[key] = (self._states[key] + theirs if how == "sum"
                                  else torch.cat([self._states[key], theirs]))
+
+    def reorder_batches(self, order: Sequence[int]) -> None:
+        """Put the rows of the ``"cat"`` states in ``order`` (merged shards in the data's order)."""
+        import torch
+
+        for key, how in self._reduce.items():
+            if how == "cat":
+                t = self._states[key]
+                if len(order) != t.shape[0]:
+                    raise ValueError(f"sink '{self.name}': {len(order)} positions for "
+                                     f"{t.shape[0]} rows of '{key}'")
+                self._states[key] = t[torch.as_tensor(order, dtype=torch.long, device=t.device)]
 
 
 class MetricSink(Sink):
@@ -106,6 +123,7 @@ class MetricSink(Sink):
         self.pairs = list(pairs)
         self.minibatch = minibatch
         self.keep_batches = keep_batches
+        self.device = device
         f64 = {"dtype": torch.float64, "device": device}
         for a, b in self.pairs:
             la, lb = len(self.layers[a]), len(self.layers[b])
@@ -117,6 +135,7 @@ class MetricSink(Sink):
                 self.add_state(f"{a}|{b}|batch_self_rows", torch.zeros(0, la, **f64), "cat")
                 self.add_state(f"{a}|{b}|batch_self_cols", torch.zeros(0, lb, **f64), "cat")
         self.add_state("counts", torch.zeros(2, dtype=torch.int64))  # minibatches, examples
+        self.add_state("dropped", torch.zeros(1, dtype=torch.int64))  # of a short last batch
         # Waiting examples: one model -> layers mapping per forward batch, concatenated once.
         self._waiting: list[dict[str, list[torch.Tensor]]] = []
 
@@ -140,13 +159,42 @@ class MetricSink(Sink):
         """Add another shard's sums; at most one of the two may hold a partial minibatch (the
         last one of the data), which the merged sink keeps."""
         assert isinstance(other, MetricSink)
-        self._flush()
         other._flush()
-        if self._waiting and other._waiting:
+        self.merge_state(other.state_dict())
+
+    def merge_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._flush()
+        theirs = {k: v for k, v in state.items() if not k.startswith("pending|")}
+        waiting = len(theirs) < len(state)
+        if self._waiting and waiting:
             raise ValueError(f"sink '{self.name}': both shards hold a partial minibatch; shards "
                              "must be cut at minibatch boundaries")
-        super().merge(other)
-        self._waiting = self._waiting or list(other._waiting)
+        super().merge_state(theirs)
+        if waiting:
+            twin = self.empty_like()
+            twin.load_state_dict(state)
+            self._waiting = twin._waiting
+
+    def empty_like(self) -> MetricSink:
+        """A sink of the same metric, layers and pairs with nothing in it."""
+        return MetricSink(self.name, self.metric, self.layers, self.pairs, self.minibatch,
+                          self.keep_batches, self.device)
+
+    def counts(self) -> tuple[int, int]:
+        """(minibatches, examples) added to the sums so far."""
+        batches, examples = (int(v) for v in self._states["counts"].tolist())
+        return batches, examples
+
+    def close(self) -> None:
+        """The data ended: add every waiting example (full minibatches, then a last short one if
+        the estimator takes that many, else they are counted as left out)."""
+        self._flush()
+        rest = self.pending_examples
+        if rest >= self.metric.min_batch_size:
+            self._add(self._terms(self._pending(), rest, last_batch=rest))
+        elif rest:
+            self._states["dropped"] += rest
+        self._waiting = []
 
     @property
     def pending_examples(self) -> int:
@@ -308,7 +356,8 @@ class MetricSink(Sink):
                                rest, last_batch=rest)
             terms = {k: terms[k] + last[k] for k in terms}
             batches, examples = batches + 1, examples + rest
-        return terms, batches, examples, (rest if rest < self.metric.min_batch_size else 0)
+        dropped = int(s["dropped"]) + (rest if rest < self.metric.min_batch_size else 0)
+        return terms, batches, examples, dropped
 
     def compute(self) -> dict[tuple[str, str], SimilarityResult]:
         """The result of every pair (float64 on the host)."""
@@ -368,12 +417,13 @@ class ObserverSink(Sink):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.evaluator.load_state(dict(state))
 
-    def merge(self, other: Sink) -> None:
-        """Observer state is additive: the sums of both shards."""
-        assert isinstance(other, ObserverSink)
-        mine, theirs = self.state_dict(), other.state_dict()
-        self.load_state_dict({k: mine.get(k, 0) + theirs.get(k, 0)  # type: ignore[misc]
-                              for k in {*mine, *theirs}})
+    def merge_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Observer state is additive: the sums of both shards (a layer one shard never saw
+        counts as zero there)."""
+        mine = self.state_dict()
+        self.load_state_dict({k: mine[k] + state[k] if k in mine and k in state
+                              else mine.get(k, state.get(k))  # type: ignore[misc]
+                              for k in sorted({*mine, *state})})
 
     def compute(self) -> None:
         """The evaluator itself reports, after the pass."""
@@ -382,26 +432,35 @@ class ObserverSink(Sink):
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_states(state_dir: Path, sinks: Sequence[Sink], batches: int, done: bool) -> None:
+def save_states(state_dir: Path, sinks: Sequence[Sink], batches: int, done: bool,
+                world_size: int = 1) -> None:
     """Save every sink's state, then the progress record last (a resume trusts only what the
     progress record says was saved)."""
     for sink in sinks:
         state = sink.state_dict()
         if state:
             store.write_tensors(state_dir / f"sink_{sink.name}.safetensors", state)
-    store.write_json(state_dir / "progress.json", {"batches": batches, "done": done})
+    store.write_json(state_dir / "progress.json",
+                     {"batches": batches, "done": done, "world_size": world_size})
 
 
-def load_states(state_dir: Path, sinks: Sequence[Sink]) -> int:
-    """Load what :func:`save_states` saved; returns the batches already seen (0 if none)."""
+def load_states(state_dir: Path, sinks: Sequence[Sink], world_size: int = 1) -> int:
+    """Load what :func:`save_states` saved; returns the batches already seen (0 if none). A
+    state saved by a run of another number of processes is refused (its shares differ)."""
     progress_file = state_dir / "progress.json"
     if not progress_file.exists():
         return 0
+    progress = store.read_json(progress_file)
+    if progress.get("world_size", 1) != world_size:
+        raise RecipeError(
+            f"'{state_dir.parent.parent.parent}' holds a run started with "
+            f"{progress.get('world_size', 1)} processes; resume it with as many (--nproc), or "
+            "start again in another directory.")
     for sink in sinks:
         path = state_dir / f"sink_{sink.name}.safetensors"
         if path.exists():
             sink.load_state_dict(store.read_tensors(path))
-    return int(store.read_json(progress_file)["batches"])
+    return int(progress["batches"])
 
 
 def pass_done(state_dir: Path) -> bool:

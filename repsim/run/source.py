@@ -22,18 +22,20 @@ def sample_indices(n: int, seed: int, limit: int | None) -> list[int]:
 
 
 class _Preprocessed:
-    """A dataset view returning each distinct model transform of an image, its label, its index."""
+    """A dataset view returning each distinct model transform of an image, its label, its
+    dataset index and its position in the split's sampled order."""
 
-    def __init__(self, dataset: ImageDataset, indices: list[int],
+    def __init__(self, dataset: ImageDataset, indices: list[int], positions: list[int],
                  transforms: list[Preprocess]) -> None:
-        self.dataset, self.indices, self.transforms = dataset, indices, transforms
+        self.dataset, self.indices, self.positions = dataset, indices, positions
+        self.transforms = transforms
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         image, label = self.dataset[self.indices[i]]
-        return (*(t(image) for t in self.transforms), label, self.indices[i])
+        return (*(t(image) for t in self.transforms), label, self.indices[i], self.positions[i])
 
 
 @dataclass
@@ -43,11 +45,13 @@ class HostBatch:
     index: int
     inputs: list[torch.Tensor]
     labels: torch.Tensor
-    examples: torch.Tensor
+    examples: torch.Tensor  # dataset indices
+    positions: torch.Tensor  # places in the split's sampled order (global across ranks)
 
 
 class BatchSource:
-    """Batches of ``batch_size`` consecutive examples of ``indices``, preprocessed by workers.
+    """Batches of ``batch_size`` consecutive examples of ``indices`` (dataset indices; their
+    ``positions`` in the split's sampled order default to 0, 1, ...), preprocessed by workers.
 
     On CUDA the loader pins host memory and inputs are copied without blocking, so the copy of
     the next batch overlaps the forwards of this one; workers persist across epochs and prefetch.
@@ -55,9 +59,11 @@ class BatchSource:
 
     def __init__(self, dataset: ImageDataset, indices: Sequence[int],
                  transforms: Sequence[Preprocess], batch_size: int, device: torch.device,
-                 num_workers: int = 0, prefetch: int = 2) -> None:
+                 num_workers: int = 0, prefetch: int = 2,
+                 positions: Sequence[int] | None = None) -> None:
         self.dataset = dataset
         self.indices = list(indices)
+        self.positions = list(positions) if positions is not None else list(range(len(indices)))
         self.transforms = list(transforms)
         self.batch_size = batch_size
         self.device = device
@@ -73,11 +79,14 @@ class BatchSource:
         from torch.utils.data import DataLoader
 
         workers = self.num_workers
+        skip = start * self.batch_size
         loader = DataLoader(
-            _Preprocessed(self.dataset, self.indices[start * self.batch_size:], self.transforms),
+            _Preprocessed(self.dataset, self.indices[skip:], self.positions[skip:],
+                          self.transforms),
             batch_size=self.batch_size, shuffle=False, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=self.prefetch if workers > 0 else None)
-        for b, (*inputs, labels, examples) in enumerate(loader, start):
+        for b, (*inputs, labels, examples, positions) in enumerate(loader, start):
             yield HostBatch(b, [x.to(self.device, non_blocking=True) for x in inputs],
-                            torch.as_tensor(labels), torch.as_tensor(examples))
+                            torch.as_tensor(labels), torch.as_tensor(examples),
+                            torch.as_tensor(positions))
