@@ -119,7 +119,7 @@ def test_a_run_killed_between_checkpoints_resumes_to_byte_identical_files(
                              "2"], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     progress = json.loads((tmp_path / "resumed/cache/eval/rank0/progress.json").read_text())
-    assert progress == {"batches": 4, "done": False, "world_size": 1}  # 2nd save of 5 batches
+    assert (progress["batches"], progress["done"]) == (4, False)  # 2nd save of 5 batches
     resumed = execute(path, tmp_path / "resumed")
     assert digest(resumed) == digest(reference)
 

@@ -128,7 +128,8 @@ def test_a_short_last_minibatch_is_left_out_and_said() -> None:
 
 
 def batch(index: int, lo: int, hi: int, raw: dict[str, dict[str, torch.Tensor]]) -> FeatureBatch:
-    return FeatureBatch("eval", index, torch.arange(lo, hi), torch.arange(lo, hi) % 3, {}, raw,
+    return FeatureBatch("eval", index, torch.arange(lo, hi), torch.arange(lo, hi),
+                        torch.arange(lo, hi) % 3, {}, raw,
                         {"vit": {"num_prefix_tokens": 1, "family": "vit", "grid_size": (3, 3),
                                  "patch_size": (4, 4)}})
 

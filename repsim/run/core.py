@@ -12,6 +12,8 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +45,9 @@ class Run:
     """Executes a checked recipe into a run directory."""
 
     def __init__(self, checked: CheckedRecipe, out: Path | None = None,
-                 progress: bool = True, quiet: bool = False) -> None:
+                 progress: bool = True, quiet: bool = False, force: bool = False) -> None:
         self.checked = checked
+        self.force = force
         self.recipe = checked.recipe
         self.dir = Path(out or self.recipe.run.output)
         self.progress = progress
@@ -52,6 +55,7 @@ class Run:
         self.world = World()
         self.group: Any = None
         self.timing: dict[str, float] = {}  # seconds per stage, for provenance
+        self.passes: dict[str, str] = {}  # split -> fingerprint of its pass
 
     def say(self, msg: str) -> None:
         if not self.quiet and self.world.is_main:
@@ -71,31 +75,43 @@ class Run:
             if world.distributed:
                 check_same(fingerprint(self.checked), "recipes", group, world)
             torch.manual_seed(self.recipe.run.seed)
-            if world.is_main:
-                self._claim_directory()
-            self._barrier()
-            plan = RunPlan.build(self.checked, settings, self.say)
-            streamed = {}
-            for split in plan.splits():
-                t = time.perf_counter()
-                metric_sinks = self._pass(plan, split)
-                self.timing[f"pass {split}"] = round(time.perf_counter() - t, 3)
-                if world.is_main:
-                    streamed |= {key: sink.compute() for key, sink in metric_sinks.items()}
-            self._barrier()  # every rank's feature cache is written
-            if world.is_main:
-                summary = self._results(plan, streamed, started)
+            with self._claim_directory():
+                self._barrier()
+                summary = self._stages(settings, started)
         if world.is_main:
             self.say(summary)
         return self.dir
+
+    def _stages(self, settings: Any, started: float) -> str:
+        from repsim.run import stages
+
+        world = self.world
+        plan = RunPlan.build(self.checked, settings, self.say)
+        self.inputs = stages.input_digests(self.checked)
+        self.versions = stages.part_versions(self.checked)
+        streamed = {}
+        for split in plan.splits():
+            t = time.perf_counter()
+            metric_sinks = self._pass(plan, split)
+            self.timing[f"pass {split}"] = round(time.perf_counter() - t, 3)
+            if world.is_main:
+                streamed |= {key: sink.compute() for key, sink in metric_sinks.items()}
+        self._barrier()  # every rank's feature cache is written
+        return self._results(plan, streamed, started) if world.is_main else ""
 
     def _results(self, plan: RunPlan, streamed: dict[str, Any], started: float) -> str:
         """Evaluators, similarity results, provenance and summary (rank 0 alone)."""
         from repsim.report import records_table
         from repsim.run.cache import FeatureReader
 
+        from repsim.run.stages import evaluator_fingerprint
+
         reader = FeatureReader(self.dir / "cache")
-        run_evaluators(self.dir, plan, reader, {}, after_metrics=False, say=self.say)
+        evals = {key: evaluator_fingerprint(plan, key, ev, self.passes)
+                 for key, ev in plan.evaluators.items()}
+        self._drop_stale_outputs(plan)
+        run_evaluators(self.dir, plan, reader, {}, after_metrics=False, fingerprints=evals,
+                       say=self.say)
         results = results_stage.finalise(plan, streamed, reader)
         for (key, a, b), result in results.items():
             results_stage.write_similarity(self.dir, plan, key, a, b, result)
@@ -103,11 +119,13 @@ class Run:
                 if note not in plan.notes:
                     plan.notes.append(note)
                     self.say(f"note ({key}, {a} vs {b}): {note}")
-        run_evaluators(self.dir, plan, reader, results, after_metrics=True, say=self.say)
+        run_evaluators(self.dir, plan, reader, results, after_metrics=True, fingerprints=evals,
+                       say=self.say)
         headers, rows = results_stage.summary_rows(plan, results)
         summary = records_table(headers, rows) if rows else "(no similarity metrics)"
         store.write_json(self.dir / "provenance.json",
                          results_stage.provenance(plan, started) | {
+                             "inputs": self.inputs, "part_versions": self.versions,
                              "world_size": self.world.size, "timing": self.timing})
         store.write_text(self.dir / "summary.md",
                          results_stage.summary_md(self.dir, self.recipe.run.name, summary))
@@ -119,18 +137,52 @@ class Run:
 
             dist.barrier(group=self.group)
 
-    def _claim_directory(self) -> None:
-        fp = fingerprint(self.checked)
+    @contextmanager
+    def _claim_directory(self) -> Iterator[None]:
+        """Hold the run directory for this run (rank 0): refuse one that is in use by another
+        run, that holds another study's results, or that is a folder of other files."""
+        from repsim.run.stages import directory_identity
+
+        if not self.world.is_main:
+            yield
+            return
+        identity = directory_identity(self.checked)
         marker = self.dir / "fingerprint"
-        if marker.exists() and marker.read_text().strip() != fp:
+        if self.dir.is_file():
+            raise RecipeError(f"run directory '{self.dir}' is a file; give --out a directory.")
+        if self.dir.is_dir() and any(self.dir.iterdir()) and not marker.exists() \
+                and not self.force:
+            shown = ", ".join(sorted(p.name for p in self.dir.iterdir())[:5])
             raise RecipeError(
-                f"run directory '{self.dir}' holds results of a different recipe. Nothing was "
-                "overwritten: choose another directory with --out, or delete that one.")
-        if marker.exists():
-            self.say(f"resuming run in {self.dir}")
-        store.write_text(marker, fp + "\n")
-        store.write_text(self.dir / "recipe.toml", self.checked.path.read_text(encoding="utf-8"))
-        store.write_json(self.dir / "resolved.json", self.recipe.model_dump(mode="json"))
+                f"'{self.dir}' is a folder of other files ({shown}, ...), not a repsim run "
+                "directory. Choose a new or empty directory with --out, or pass --force to write "
+                "the run into it.")
+        with _locked(self.dir):
+            if marker.exists() and marker.read_text().strip() != identity:
+                raise RecipeError(
+                    f"run directory '{self.dir}' holds results of a different recipe (other data "
+                    "or another seed). Nothing was overwritten: choose another directory with "
+                    "--out, or delete that one.")
+            if marker.exists():
+                self.say(f"resuming run in {self.dir}: stages whose inputs are unchanged are kept")
+            store.write_text(marker, identity + "\n")
+            store.write_text(self.dir / "recipe.toml",
+                             self.checked.path.read_text(encoding="utf-8"))
+            store.write_json(self.dir / "resolved.json", self.recipe.model_dump(mode="json"))
+            yield
+
+    def _drop_stale_outputs(self, plan: RunPlan) -> None:
+        """Results are rewritten from the sinks every run; evaluators no longer in the recipe
+        are removed, so the directory holds this recipe's outputs only."""
+        import shutil
+
+        for name in ("similarity", "tables", "figures"):
+            shutil.rmtree(self.dir / name, ignore_errors=True)
+        folder = self.dir / "evaluators"
+        for old in sorted(folder.iterdir()) if folder.exists() else []:
+            if old.name not in plan.evaluators:
+                self.say(f"evaluator '{old.name}' is no longer in the recipe: its results removed")
+                shutil.rmtree(old)
 
     def _sinks(self, plan: RunPlan, split: str) -> tuple[dict[str, MetricSink], list[Sink]]:
         """The sinks of one split's pass: metric accumulators (eval only), the feature-cache
@@ -170,8 +222,17 @@ class Run:
         from repsim.run.features import FeaturePass
         from repsim.run.source import BatchSource, sample_indices
 
+        from repsim.run.stages import pass_fingerprint
+        from repsim.run.sinks import saved_fingerprint
+
         metrics, sinks = self._sinks(plan, split)
         state_dir = self.dir / "cache" / split / f"rank{self.world.rank}"
+        fp = self.passes[split] = pass_fingerprint(plan, split, self.inputs, self.versions)
+        saved = saved_fingerprint(state_dir)
+        if saved is not None and saved != fp:
+            self.say(f"{split}: the models, data, layers, metrics or input files of this pass "
+                     "changed since it was saved; computing it again")
+            _remove_pass(self.dir / "cache" / split, self.world.rank)
         dataset = plan.split_dataset(split)
         limit = plan.examples(split)
         run = self.recipe.run
@@ -213,11 +274,11 @@ class Run:
                     b += 1
                     bar.update(1)
                     if b % run.checkpoint_every == 0:
-                        save_states(state_dir, sinks, b, False, self.world.size)
+                        save_states(state_dir, sinks, b, False, self.world.size, fp)
             bar.close()
             for sink in metrics.values():
                 sink.close()
-            save_states(state_dir, sinks, b, True, self.world.size)
+            save_states(state_dir, sinks, b, True, self.world.size, fp)
         if self.world.distributed:
             from repsim.run.distributed import gather_to_main, merge_ranks
 
@@ -229,6 +290,43 @@ class Run:
         return metrics
 
 
+def _remove_pass(split_dir: Path, rank: int) -> None:
+    """A rank's saved state and feature-cache shards of one split."""
+    import shutil
+
+    shutil.rmtree(split_dir / f"rank{rank}", ignore_errors=True)
+    for shard in split_dir.glob(f"{rank:03d}-*.safetensors"):
+        shard.unlink()
+
+
+@contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run directory for the run's duration (released on exit, also
+    when the process is killed)."""
+    import fcntl
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise RecipeError(
+                f"run directory '{run_dir}' is in use by another repsim run (process {holder}). "
+                "Wait for it to finish (rerun then resumes), or choose another --out.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)  # no process holds it now (and identical runs leave identical files)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _oom_errors() -> tuple[type[BaseException], ...]:
     import torch
 
@@ -236,9 +334,11 @@ def _oom_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_recipe(path: str | Path, out: Path | None = None, progress: bool = True,
-               quiet: bool = False, overrides: dict[str, object] | None = None) -> Path:
-    """Validate and execute a recipe; ``overrides`` replace ``[run]`` settings (the CLI flags).
-    Returns the run directory."""
+               quiet: bool = False, overrides: dict[str, object] | None = None,
+               force: bool = False) -> Path:
+    """Validate and execute a recipe; ``overrides`` replace ``[run]`` settings (the CLI flags);
+    ``force`` writes into a folder of other files. Returns the run directory."""
     from repsim.recipe import check_recipe
 
-    return Run(check_recipe(path, run_overrides=overrides), out, progress, quiet).execute()
+    return Run(check_recipe(path, run_overrides=overrides), out, progress, quiet,
+               force).execute()

@@ -91,8 +91,12 @@ class RunContext:
 
 def run_evaluators(run_dir: Path, plan: RunPlan, reader: FeatureReader,
                    results: Mapping[tuple[str, str, str], SimilarityResult], *,
-                   after_metrics: bool, say: Callable[[str], None]) -> None:
-    """Run the evaluators of one stage (before or after the metrics) not already done."""
+                   after_metrics: bool, fingerprints: Mapping[str, str],
+                   say: Callable[[str], None]) -> None:
+    """Run the evaluators of one stage (before or after the metrics); one whose saved result has
+    the same fingerprint (the same entry, reading the same passes) is kept."""
+    import shutil
+
     from repsim.report import records_table
 
     for key, ev in plan.evaluators.items():
@@ -100,8 +104,11 @@ def run_evaluators(run_dir: Path, plan: RunPlan, reader: FeatureReader,
             continue
         out = run_dir / "evaluators" / key
         if (out / "result.json").exists():
-            say(f"evaluator '{key}': already done, kept")
-            continue
+            if store.read_json(out / "result.json").get("fingerprint") == fingerprints[key]:
+                say(f"evaluator '{key}': already done, kept")
+                continue
+            say(f"evaluator '{key}': its parameters or inputs changed; running it again")
+            shutil.rmtree(out)
         say(f"running evaluator '{key}'")
         res = ev.evaluate(RunContext(plan, reader, results, ev))
         for tname, (headers, rows) in res.tables.items():
@@ -112,7 +119,8 @@ def run_evaluators(run_dir: Path, plan: RunPlan, reader: FeatureReader,
             store.write_figure(out / f"{fname}.png", make)
         if "report_md" in res.data:
             store.write_text(out / "report.md", str(res.data["report_md"]))
-        store.write_json(out / "result.json", {"evaluator": key, "protocol": res.protocol,
-                                               "data": res.data,
+        # result.json last: it marks the evaluator done
+        store.write_json(out / "result.json", {"evaluator": key, "fingerprint": fingerprints[key],
+                                               "protocol": res.protocol, "data": res.data,
                                                "tables": {k: {"headers": h, "rows": r}
                                                           for k, (h, r) in res.tables.items()}})

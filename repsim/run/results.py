@@ -111,16 +111,21 @@ def write_similarity(run_dir: Path, plan: RunPlan, key: str, a: str, b: str,
 
 
 def summary_rows(plan: RunPlan, results: Results) -> tuple[list[str], list[list[Any]]]:
-    """Mean of the same-layer values (diagonal) per model pair and layer group."""
+    """Mean of the same-layer values (diagonal) per model pair and layer group, with the number
+    of examples each value comes from (N); a cell without a diagonal is ``-`` and says why."""
     groups = list(plan.recipe.layers)
-    headers = ["metric", "model A", "model B", *[f"{g} (diag mean)" for g in groups]]
+    headers = ["metric", "model A", "model B", "N", *[f"{g} (diag mean)" for g in groups]]
     rows = []
     for (key, a, b), res in results.items():
-        row: list[Any] = [key, a, b]
+        row: list[Any] = [key, a, b, res.description.get("examples", "?")]
         for g in groups:
             ra, rb = plan.models[a].groups.get(g), plan.models[b].groups.get(g)
-            if not ra or not rb or len(ra) != len(rb):
-                row.append("-")
+            if not ra or not rb:
+                lacking = ", ".join(dict.fromkeys(m for m, r in ((a, ra), (b, rb)) if not r))
+                row.append(f"- ({lacking}: no layers)")
+                continue
+            if len(ra) != len(rb):
+                row.append(f"- ({len(ra)} vs {len(rb)} layers)")
                 continue
             sub = res.block(ra, rb)
             undefined = int(sub.diagonal().isnan().sum())
@@ -133,7 +138,37 @@ def summary_rows(plan: RunPlan, results: Results) -> tuple[list[str], list[list[
 
 
 def summary_md(run_dir: Path, name: str, summary: str) -> str:
-    lines = [f"# {name}", "", "Mean same-layer similarity per layer group:", "", summary, ""]
+    """summary.md: the data and reductions (from the run's ``resolved.json``), the table of
+    :func:`summary_rows`, what a ``-`` cell means, and links to figures and evaluators."""
+    from repsim.recipe import Recipe
+
+    recipe = Recipe.model_validate(store.read_json(run_dir / "resolved.json"))
+    run, data = recipe.run, recipe.data
+    drawn = "every example" if run.examples is None else f"run.examples = {run.examples}"
+    by_reduction: dict[str, list[str]] = {}
+    for label in recipe.models:
+        by_reduction.setdefault(recipe.reduce_of(label), []).append(label)
+    reductions = ", ".join(
+        f"'{r}' ({'every model' if len(by_reduction) == 1 else ', '.join(labels)})"
+        for r, labels in by_reduction.items())
+    own: dict[str, set[str]] = {}
+    for label in recipe.models:
+        for group, spec in recipe.groups_of(label).items():
+            if spec.reduce:
+                own.setdefault(group, set()).add(spec.reduce)
+    own_text = "; ".join(f"{g}: {', '.join(sorted(map(repr, rs)))}" for g, rs in own.items())
+    lines = [
+        f"# {name}", "",
+        f"- Data: split '{data.split}' of dataset '{data.dataset}', {drawn} drawn with seed "
+        f"{run.seed}; column N gives the examples each value is computed from.",
+        f"- Token reduction {reductions}" + (f"; layer groups with their own: {own_text}."
+                                             if own_text else "."), "",
+        "Mean same-layer similarity (the diagonal of each layer x layer matrix) per layer "
+        "group:", "", summary, "",
+        "A cell `-` has no same-layer diagonal: one of the two models selects no layers in that "
+        "group (an empty override), or they select different numbers of layers; the cell says "
+        "which, and tables/ and figures/ hold the full matrices.", "",
+    ]
     figs = sorted((run_dir / "figures").rglob("*.png")) if (run_dir / "figures").exists() else []
     if figs:
         lines += ["## Figures", ""] + [f"- [{f.relative_to(run_dir)}]({f.relative_to(run_dir)})"

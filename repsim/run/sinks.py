@@ -433,15 +433,22 @@ class ObserverSink(Sink):
 
 
 def save_states(state_dir: Path, sinks: Sequence[Sink], batches: int, done: bool,
-                world_size: int = 1) -> None:
+                world_size: int = 1, fingerprint: str | None = None) -> None:
     """Save every sink's state, then the progress record last (a resume trusts only what the
-    progress record says was saved)."""
+    progress record says was saved, for the pass of that ``fingerprint``)."""
     for sink in sinks:
         state = sink.state_dict()
         if state:
             store.write_tensors(state_dir / f"sink_{sink.name}.safetensors", state)
-    store.write_json(state_dir / "progress.json",
-                     {"batches": batches, "done": done, "world_size": world_size})
+    store.write_json(state_dir / "progress.json", {"batches": batches, "done": done,
+                                                    "world_size": world_size,
+                                                    "fingerprint": fingerprint})
+
+
+def saved_fingerprint(state_dir: Path) -> str | None:
+    """The fingerprint of the pass whose state is saved in ``state_dir`` (None if none is)."""
+    progress_file = state_dir / "progress.json"
+    return store.read_json(progress_file).get("fingerprint") if progress_file.exists() else None
 
 
 def load_states(state_dir: Path, sinks: Sequence[Sink], world_size: int = 1) -> int:
