@@ -261,3 +261,14 @@ def test_a_layer_group_can_have_its_own_reduction(write_recipe, tmp_path: Path) 
     i, j = data["rows"].index("blocks.0.attn.qkv"), data["cols"].index("blocks.0.attn.qkv")
     expected = repsim.functional.linear_cka(feats["a"], feats["b"])
     assert data["values"][i][j] == pytest.approx(expected, abs=1e-5)
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        store.write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -129,6 +129,9 @@ class Run:
                              "world_size": self.world.size, "timing": self.timing})
         store.write_text(self.dir / "summary.md",
                          results_stage.summary_md(self.dir, self.recipe.run.name, summary))
+        from repsim.pages import build_report
+
+        self.say(f"report: {build_report(self.dir)}")
         return summary
 
     def _barrier(self) -> None:
