@@ -179,3 +179,20 @@ def test_ranks_with_different_recipes_are_refused(recipe: Path, tmp_path: Path) 
     results = wait(launch(recipe, tmp_path / "run", 2, tmp_path / "store", recipes={1: other}))
     assert [c for c, _ in results] == [2, 2]
     assert all("different recipes" in err and "Traceback" not in err for _, err in results)
+
+
+def test_ranks_come_from_torchrun_or_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from repsim.run.distributed import world_from_env
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    assert world_from_env() == World(5, 8, 1, 4)
+    monkeypatch.setenv("RANK", "2")  # torchrun inside srun: torchrun's variables win
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert world_from_env() == World(2, 3, 0, 3)
