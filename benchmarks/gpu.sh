@@ -42,9 +42,16 @@ $PY benchmarks/bench_pass.py --device cuda --precision fp32 --arch vit_base_patc
   --models 4 --examples 1024 --batch-size 256 --repeats 2 --cases cls --skip-threads \
   2>&1 | tee "$LOG/bench_pass_fp32.txt" || status=1
 
+gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -gt 1 ]; then
+  echo "== bench_distributed: 1 .. $gpus GPUs"
+  $PY benchmarks/bench_distributed.py --device cuda --examples 4096 --nproc 1 "$gpus" \
+    2>&1 | tee "$LOG/bench_distributed.txt" || status=1
+fi
+
 echo
 echo "== summary"
 grep -E "passed|failed|error" "$LOG/tests.txt" | tail -1
-grep -E "^\| (cls|types|flatten) |engine/floor|^\| [0-9]+ models" "$LOG"/bench_pass_*.txt
+grep -hE "^\| (cls|types|flatten) |engine/floor|^\| [0-9]+ models|^\| +[0-9]+ \|" "$LOG"/bench_*.txt
 echo "targets: pass >= 90 % of plain-forward img/s in bf16 (overhead <= +11 %); engine <= 1.5x its Gram floor"
 exit $status

@@ -7,8 +7,12 @@ traceback. Plugins are loaded lazily and must not import torch at start-up, so `
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +22,71 @@ from repsim.errors import RepsimError
 
 KIND_ALIASES = {"models": "model", "datasets": "dataset", "layer_selectors": "layer_selector",
                 "selectors": "layer_selector", "metrics": "metric", "evaluators": "evaluator"}
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn RepsimError into a one-paragraph message and exit code 2."""
+def user_errors(fn: Callable[..., Any] | None = None, *, on_interrupt: str = "") -> Any:
+    """Turn RepsimError into a one-paragraph message and exit code 2, and Ctrl-C into
+    'Interrupted.' (plus ``on_interrupt``, formatted with the command's arguments) and exit
+    code 130. Use as ``@user_errors`` or ``@user_errors(on_interrupt=...)``."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RepsimError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except RepsimError as exc:
+                click.echo(f"Error: {exc}", err=True)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                hint = on_interrupt.format(**kwargs)
+                click.echo(f"Interrupted.{' ' + hint if hint else ''}", err=True)
+                sys.exit(INTERRUPTED)
 
-    return wrapper
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate
+
+
+class _EchoHandler(logging.Handler):
+    """Log records as lines on the current stderr (looked up per line, as click does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+@contextmanager
+def progress_messages(enabled: bool = True) -> Iterator[None]:
+    """Show what the parts say while they work (logger ``repsim``, level INFO: which checkpoint
+    a model reads, what it loaded) on stderr, for the duration of a command."""
+    if not enabled:
+        yield
+        return
+    logger, handler = logging.getLogger("repsim"), _EchoHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def check_run_dir(path: Path, where: str) -> None:
+    """Refuse a run directory that is a file, lies under one, or cannot be written, before
+    anything is built; creates nothing."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RepsimError(
+            f"{where} '{path}': '{existing}' is a file, not a directory. Give a directory for "
+            "the run (it is created if missing).")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as exc:
+        raise RepsimError(
+            f"{where} '{path}': cannot write in '{existing}' ({exc.strerror}). Give a directory "
+            "you can write to.") from None
 
 
 class _Group(click.Group):
@@ -65,6 +120,8 @@ def cli() -> None:
 @click.argument("recipe")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: run.output).")
 @click.option("--quiet", is_flag=True, help="No progress bars or messages.")
+@click.option("--force", is_flag=True,
+              help="Write the run into a folder that holds other files (not a run directory).")
 @click.option("--device", help="run.device: auto, cpu, cuda, cuda:N or mps.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="run.precision: autocast dtype of the forwards.")
@@ -73,28 +130,72 @@ def cli() -> None:
               help="run.cache_dtype: dtype of the cached features.")
 @click.option("--threads", type=click.IntRange(min=1), help="run.threads: torch threads.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="run.batch_size: forward batch.")
-@user_errors
-def run(recipe: str, out: Path | None, quiet: bool, **settings: Any) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (torchrun's launcher, one GPU or a share of the "
+              "cores each); several machines: start `torchrun ... -m repsim run` on each.")
+@user_errors(on_interrupt="The run directory keeps the state saved every run.checkpoint_every "
+             "batches: rerun the same command (repsim run {recipe} with the same options) to "
+             "resume from there.")
+def run(recipe: str, out: Path | None, quiet: bool, force: bool, nproc: int,
+        **settings: Any) -> None:
     """Run RECIPE (a .toml file, or an embedded recipe name such as 'mini').
 
-    The options replace the recipe's [run] settings of the same names."""
+    The options replace the recipe's [run] settings of the same names. Ctrl-C stops the run
+    (exit code 130); rerunning the same command resumes it."""
+    from repsim.plugins import get_host
+    from repsim.recipe import check_recipe, load_recipe
     from repsim.run import run_recipe
 
-    overrides = {k: v for k, v in settings.items() if v is not None}
-    run_dir = run_recipe(recipe, out, progress=not quiet and sys.stderr.isatty(), quiet=quiet,
-                         overrides=overrides)
-    click.echo(f"results in {run_dir}/ (summary.md, tables/, figures/, similarity/)")
+    _warn_broken(get_host())
+    check_run_dir(out or load_recipe(recipe).run.output, "--out" if out else "run.output")
+    if nproc > 1:
+        from repsim.run.distributed import launch_local
+
+        check_recipe(recipe, run_overrides=settings_given(settings))  # refused before launching
+        sys.exit(launch_local(nproc, _without_option(sys.argv[1:], "--nproc")))
+    overrides = settings_given(settings)
+    with progress_messages(not quiet):
+        run_dir = run_recipe(recipe, out, progress=not quiet and sys.stderr.isatty(),
+                             quiet=quiet, overrides=overrides, force=force)
+    from repsim.run.distributed import world_from_env
+
+    if world_from_env().is_main:
+        click.echo(f"results in {run_dir}/ (summary.md, report/, tables/, figures/, similarity/)")
+
+
+def _without_option(args: list[str], option: str) -> list[str]:
+    """``args`` without ``option VALUE`` / ``option=VALUE`` (what each launched process gets)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def settings_given(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``[run]`` settings given on the command line."""
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 @cli.command()
 @click.argument("recipe")
 @user_errors
 def validate(recipe: str) -> None:
-    """Check RECIPE without loading any weights: syntax, fields, part names and parameters."""
+    """Check RECIPE without loading any weights: syntax, fields, part names and parameters,
+    files, and the layers of every model whose structure can be built without weights."""
+    from repsim.plugins import get_host
     from repsim.recipe import check_recipe
 
+    _warn_broken(get_host())
     checked = check_recipe(recipe)
     r = checked.recipe
+    check_run_dir(r.run.output, "run.output")
+    for note in checked.notes:
+        click.echo(f"Note: {note}", err=True)
     click.echo(f"{checked.path}: valid. {len(r.models)} models, {len(r.layers)} layer groups, "
                f"{len(r.metrics)} metrics, {len(r.evaluators)} evaluators, "
                f"{len(r.model_pairs())} model pairs.")
@@ -106,7 +207,7 @@ def validate(recipe: str) -> None:
 @user_errors
 def list_parts(kind: str | None, pattern: str) -> None:
     """List registered parts: KIND is models, datasets, layer_selectors, metrics or evaluators;
-    PATTERN a wildcard such as 'dino_*'."""
+    PATTERN a wildcard such as 'dino_*'. A PATTERN naming one part shows its parameters."""
     from tabulate import tabulate
 
     from repsim.plugins import get_host
@@ -115,10 +216,16 @@ def list_parts(kind: str | None, pattern: str) -> None:
     if kind is not None and KIND_ALIASES.get(kind, kind) not in host.registries:
         raise RepsimError(f"unknown kind '{kind}'; use one of {', '.join(KIND_ALIASES)}.")
     kinds = [KIND_ALIASES.get(kind, kind)] if kind else list(host.registries)
+    tables = False
     for k in kinds:
         reg = host.registry(k)
+        names = reg.names(pattern)
+        if pattern != "*" and len(names) == 1:
+            click.echo(_part_details(reg.get(names[0])))
+            continue
+        tables = True
         rows = []
-        for name in reg.names(pattern):
+        for name in names:
             part = reg.get(name)
             extra = "; ".join(f"{key}: {_fmt(v)}" for key, v in part.info.items())
             rows.append([name, part.provider, part.summary + (f" ({extra})" if extra else "")])
@@ -127,7 +234,81 @@ def list_parts(kind: str | None, pattern: str) -> None:
                             tablefmt="simple", maxcolwidths=[None, None, 90]) if rows
                    else "  (none)")
         click.echo()
+    if tables:
+        click.echo(f"`repsim list {kind or 'KIND'} NAME` shows a part's parameters.", err=True)
     _warn_broken(host)
+
+
+def _part_details(part: Any) -> str:
+    """One part: its summary and facts, then each parameter's type, default and description."""
+    from tabulate import tabulate
+
+    lines = [f"{part.kind} '{part.name}' ({part.provider}): {part.summary}"]
+    lines += [f"  {key}: {_fmt(v)}" for key, v in part.info.items()]
+    if part.params.__doc__:  # a class's own docstring only: __doc__ is not inherited
+        lines.append("  " + " ".join(part.params.__doc__.split()))
+    rows = _param_rows(part.params)
+    lines.append("")
+    lines.append(tabulate(rows, headers=["parameter", "type", "default", "description"],
+                          tablefmt="simple", maxcolwidths=[None, 32, 30, 60]) if rows
+                 else "no parameters")
+    return "\n".join(lines) + "\n"
+
+
+# pydantic's constraint attributes (annotated_types) and how they read
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=",
+           "max_length": "length <="}
+
+
+def _param_rows(model: type, prefix: str = "") -> list[list[str]]:
+    """Rows of a parameter model; the fields of a nested model follow as ``field.sub``."""
+    from pydantic import BaseModel
+
+    rows = []
+    for name, field in model.model_fields.items():
+        bounds = [f"{op} {getattr(m, attr)}" for m in field.metadata
+                  for attr, op in _BOUNDS.items() if getattr(m, attr, None) is not None]
+        kind = _type_name(field.annotation) + (f" ({', '.join(bounds)})" if bounds else "")
+        default = "required" if field.is_required() else \
+            _default_text(field.get_default(call_default_factory=True))
+        rows.append([prefix + name, kind, default, field.description or ""])
+        nested = [t for t in (field.annotation, *_type_args(field.annotation))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if nested:
+            rows += _param_rows(nested[0], f"{prefix}{name}.")
+    return rows
+
+
+def _type_args(t: Any) -> tuple[Any, ...]:
+    import typing
+
+    return typing.get_args(t)
+
+
+def _type_name(t: Any) -> str:
+    """A parameter's type as written in Python: ``int | None``, ``list[str]``, ``'a' | 'b'``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', origin)}[{inner}]" if args else str(origin)
+    if t is type(None):
+        return "None"
+    return getattr(t, "__name__", str(t).replace("typing.", ""))
+
+
+def _default_text(v: Any) -> str:
+    from pydantic import BaseModel
+
+    if isinstance(v, BaseModel):
+        return "(fields below)"
+    return str(v) if isinstance(v, Path) else repr(v)
 
 
 def _fmt(v: Any) -> str:
@@ -142,13 +323,14 @@ def _warn_broken(host: Any) -> None:
 @cli.command()
 @user_errors
 def plugins() -> None:
-    """Show installed plugins, their versions and what each registers."""
+    """Show installed plugins, their versions and what each registers, the plugins that failed
+    to load, and part names that two plugins register (which every other command refuses)."""
     from tabulate import tabulate
 
     from repsim.plugins import get_host
 
     host = get_host()
-    host.registries  # noqa: B018 - fills each plugin's list of parts
+    clashes = host.name_clashes()  # also fills each plugin's list of parts
     rows = []
     for p in host.plugins.values():
         parts = "; ".join(f"{k}: {', '.join(v)}" for k, v in p.parts.items())
@@ -156,6 +338,9 @@ def plugins() -> None:
                      f"FAILED: {p.error}" if p.error else parts])
     click.echo(tabulate(rows, headers=["plugin", "version", "kind", "parts"], tablefmt="simple",
                         maxcolwidths=[None, None, None, 80]))
+    for clash in clashes:
+        click.echo(f"\nName clash (the other commands refuse to run until it is resolved): "
+                   f"{clash}")
 
 
 @cli.command()
@@ -165,20 +350,72 @@ def plugins() -> None:
 @click.option("--pattern", default="*", help="Show only layers matching this glob ('blocks.*').")
 @user_errors
 def layers(model: str, param: tuple[str, ...], pattern: str) -> None:
-    """List the layers MODEL offers (module paths for recipes), with their output shapes."""
-    from repsim.api import build_model
-    from repsim.layers import GlobParams, GlobSelector
-    from repsim.options import parse_key_values
+    """List the layers MODEL offers (module paths for recipes), with their output shapes.
 
+    Models that can be built without weights (timm, callable, the zoo) are, on the meta device,
+    in a fraction of a second; a zoo entry then needs no checkpoint. Others are built."""
+    from tabulate import tabulate
+
+    from repsim.layers import GlobParams, GlobSelector, module_names
+    from repsim.options import parse_key_values
+    from repsim.plugins import registry
+
+    part = registry("model").get(model)
     params = parse_key_values(param)
-    loaded = build_model(model, **params)
+    field = part.params.model_fields.get("checkpoint")
+    if part.structure is not None and field is not None and field.is_required():
+        params.setdefault("checkpoint", os.devnull)  # the structure reads no weights
+    validated = part.validate(params)
+    try:
+        loaded = part.skeleton(validated)
+    except RepsimError:
+        raise
+    except Exception:  # noqa: BLE001 - a network that reads its data while built: build it
+        loaded = None
+    loaded = loaded or part.build(validated)
+    loaded.name = loaded.name or model
     names = GlobSelector(GlobParams(patterns=[pattern])).select(loaded) if pattern != "*" else \
-        [n for n, _ in loaded.module.named_modules() if n]
+        module_names(loaded.module)
     modules = dict(loaded.module.named_modules())
-    for name in names:
-        click.echo(f"{name}  ({type(modules[name]).__name__})")
-    click.echo(f"{len(names)} layers; ':in' after a name captures the module's input; 'output' "
-               "is the model's return value.", err=True)
+    shapes, what = _output_shapes(loaded)
+    click.echo(tabulate([[n, f"({type(modules[n]).__name__})", shapes.get(n, "")] for n in names],
+                        tablefmt="plain"))
+    click.echo(f"{len(names)} layers; {what}. ':in' after a name captures the module's input; "
+               "'output' is the model's return value.", err=True)
+
+
+def _output_shapes(loaded: Any) -> tuple[dict[str, str], str]:
+    """Each module's output shape for one input of the model's crop (a forward on the meta
+    device for a structure, computing nothing), and what was fed."""
+    import torch
+
+    crop = loaded.preprocess.crop
+    if crop is None:
+        return {}, ("no output shapes: the model's transform sets no crop "
+                    "(-p 'preprocess={crop = N}')")
+    module = loaded.module
+    device = next(module.parameters(), torch.empty(0)).device
+    shapes: dict[str, str] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: Any, _inputs: Any, out: Any) -> None:
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(t, torch.Tensor):
+                shapes[name] = "[" + ", ".join(["B", *map(str, t.shape[1:])]) + "]"
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if n]
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(1, loaded.preprocess.channels, crop, crop, device=device))
+    except Exception as exc:  # noqa: BLE001 - the names are still worth listing
+        return {}, f"no output shapes: a forward of one {crop}x{crop} input failed " \
+                   f"({type(exc).__name__}: {exc})"
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes, f"output shapes for B {crop}x{crop} inputs"
 
 
 @cli.command()
@@ -198,6 +435,7 @@ def similarity(feats_a: Path, feats_b: Path, metric: str, batch_size: int,
 
     a, b = _read_features(feats_a), _read_features(feats_b)
     result = similarity_matrix(get_metric(metric), a, b, batch_size)
+    click.echo(f"{metric}: rows: layers of {feats_a}; columns: layers of {feats_b}")
     click.echo(result_table(result))
     for note in result.notes:
         click.echo(f"Note: {note}", err=True)

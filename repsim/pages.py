@@ -270,8 +270,9 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _provenance_view(p: dict[str, Any]) -> dict[str, Any]:
+    # No timing here: identical runs write identical reports (timing is in provenance.json).
     keys = ("repsim", "versions", "git_commit", "seed", "device", "world_size", "inputs",
-            "part_versions", "started", "seconds")
+            "part_versions")
     view = {k: p[k] for k in keys if k in p}
     view["models"] = {label: {"model": m.get("model"), "checkpoint":
                               m.get("provenance", {}).get("checkpoint")}

@@ -55,13 +55,18 @@ class PluginInfo:
 
 
 class PluginHost:
-    """Owns the pluggy manager and the five registries."""
+    """Owns the pluggy manager and the five registries.
+
+    Two plugins registering one name is a clash: :meth:`name_clashes` lists them (what
+    ``repsim plugins`` shows), and :attr:`registries` refuses to serve until it is resolved.
+    """
 
     def __init__(self, load_entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager("repsim")
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self._registries: dict[str, Registry] | None = None
+        self._clashes: list[str] = []
         for module_name in BUILTIN_PLUGINS:
             self.pm.register(importlib.import_module(module_name), name=module_name)
             self.plugins[module_name] = PluginInfo(
@@ -99,15 +104,28 @@ class PluginHost:
 
     @property
     def registries(self) -> dict[str, Registry]:
+        """Every kind's registry; a DuplicatePartError while two plugins share a part name."""
+        registries = self._collected()
+        if self._clashes:
+            raise DuplicatePartError("\n".join(self._clashes))
+        return registries
+
+    def _collected(self) -> dict[str, Registry]:
         if self._registries is None:
             self._registries = self._collect()
         return self._registries
+
+    def name_clashes(self) -> list[str]:
+        """One message per part name that two plugins register (each naming both)."""
+        self._collected()
+        return list(self._clashes)
 
     def registry(self, kind: str) -> Registry:
         return self.registries[kind]
 
     def _collect(self) -> dict[str, Registry]:
         registries = {kind: Registry(kind) for kind in KINDS}
+        self._clashes = []
         for info in self.plugins.values():
             info.parts = {}
         for kind, hook_name in _HOOK_OF_KIND.items():
@@ -122,22 +140,23 @@ class PluginHost:
                 register = _make_register(kind, provider, added)
                 try:
                     impl.function(register=register)
-                    for part in added:
-                        registries[kind].add(part)
-                except DuplicatePartError:
-                    raise
                 except Exception as exc:  # noqa: BLE001 - a broken plugin is reported and skipped
                     if info is not None and info.builtin:
                         raise
                     if info is not None:
                         info.error = f"{hook_name} failed: {type(exc).__name__}: {exc}"
                     continue
+                for part in added:
+                    try:
+                        registries[kind].add(part)
+                    except DuplicatePartError as exc:  # the first provider keeps the name
+                        self._clashes.append(str(exc))
                 if info is not None:
                     info.parts.setdefault(kind, []).extend(p.name for p in added)
         return registries
 
     def broken_plugins(self) -> list[PluginInfo]:
-        self.registries  # noqa: B018 - collecting may discover failing hooks
+        self._collected()  # collecting may discover failing hooks
         return [p for p in self.plugins.values() if p.error]
 
     def add_commands(self, cli: Any) -> None:
@@ -157,6 +176,7 @@ def _make_register(kind: str, provider: str, sink: list[Part]) -> Callable[..., 
         *,
         params: type | None = None,
         summary: str = "",
+        structure: Callable[[Any], Any] | None = None,
         **info: Any,
     ) -> None:
         sink.append(
@@ -168,6 +188,7 @@ def _make_register(kind: str, provider: str, sink: list[Part]) -> Callable[..., 
                 summary=summary,
                 info=info,
                 provider=provider,
+                structure=structure,
             )
         )
 

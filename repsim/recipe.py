@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from repsim.errors import RecipeError
+from repsim.errors import RecipeError, RepsimError
 
 Reduction = Literal["cls", "gap", "gap_no_cls", "flatten"]
 
@@ -203,14 +203,22 @@ def _missing_paths(value: Any, where: str) -> list[str]:
 
 
 class CheckedRecipe:
-    """A recipe whose parts are resolved and whose parameters are validated."""
+    """A recipe whose parts are resolved and whose parameters are validated.
+
+    Models whose part declares a ``structure`` are built on the meta device (modules, no
+    weights) and their layer groups selected on it, so a pattern that matches nothing fails
+    here. ``groups`` holds what was selected, per model; ``notes`` what could not be checked.
+    """
 
     def __init__(self, recipe: Recipe, path: Path) -> None:
         from repsim.data.base import split_conflict
         from repsim.plugins import registry
 
         self.recipe, self.path = recipe, path
+        self.notes: list[str] = []
+        self.groups: dict[str, dict[str, list[str]]] = {}
         problems: list[str] = []
+        missing: list[str] = []  # files the parameters name that do not exist
 
         def resolve(kind: str, name: str, params: dict[str, Any], where: str) -> Any:
             reg = registry(kind)
@@ -223,7 +231,7 @@ class CheckedRecipe:
             except RecipeError as exc:
                 problems.append(str(exc))
                 return None
-            problems.extend(_missing_paths(validated, where + ".params"))
+            missing.extend(_missing_paths(validated, where + ".params"))
             return part, validated
 
         d = recipe.data
@@ -263,11 +271,106 @@ class CheckedRecipe:
                 if m not in recipe.models:
                     problems.append(f"run.pairs: model '{m}' is not in [models] "
                                     f"({', '.join(recipe.models)}).")
+        problems.extend(missing)
+        problems.extend(self._check_structures())
+        problems.extend(self._check_evaluator_names())
         if not problems:
             problems.extend(self._check_metrics())
         if problems:
             raise RecipeError(f"{path}: {len(problems)} problem(s):\n" +
                               "\n".join(f"- {p}" for p in problems))
+
+    def select_layers(self, label: str, loaded: Any) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Model ``label``'s layer groups selected on ``loaded`` (groups left empty by an
+        override are left out) and the reduction of each layer whose group sets one."""
+        specs = self.recipe.groups_of(label)
+        groups: dict[str, list[str]] = {}
+        layer_reduce: dict[str, str] = {}
+        for group, (sel_part, sel_params) in self.selectors[label].items():
+            try:
+                chosen = sel_part.build(sel_params).select(loaded)
+            except RepsimError as exc:
+                raise type(exc)(f"models.{label}, layer group '{group}': {exc}") from None
+            if chosen:  # an empty override (`norm1 = []`) leaves a group out for this model
+                groups[group] = chosen
+            for layer in chosen if specs[group].reduce else []:
+                if layer_reduce.setdefault(layer, specs[group].reduce) != specs[group].reduce:
+                    raise RecipeError(
+                        f"models.{label}: layer '{layer}' is in two layer groups with different "
+                        f"reductions ('{layer_reduce[layer]}' and '{specs[group].reduce}'); give "
+                        "both groups the same `reduce`.")
+        if not groups:
+            raise RecipeError(f"models.{label}: every layer group is empty for this model; "
+                              "select at least one layer.")
+        return groups, layer_reduce
+
+    def _check_structures(self) -> list[str]:
+        """Select every model's layers on its structure, where its part can build one."""
+        problems = []
+        for label, resolved in self.models.items():
+            if resolved is None or resolved[0].structure is None or \
+                    None in self.selectors[label].values():
+                continue
+            part, params = resolved
+            try:
+                skeleton = part.skeleton(params)
+            except RepsimError as exc:
+                problems.append(f"models.{label}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. a user's network that reads its data
+                self.notes.append(
+                    f"models.{label}: layers not checked before the run: building its structure "
+                    f"on the meta device (no weights) failed ({type(exc).__name__}: {exc}).")
+                continue
+            skeleton.name = skeleton.name or label
+            try:
+                self.groups[label] = self.select_layers(label, skeleton)[0]
+            except RepsimError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def _check_evaluator_names(self) -> list[str]:
+        """Models, layer groups and layers named in evaluator parameters.
+
+        The built-in evaluators name models in ``models`` and ``pairs``, a layer group in
+        ``group``, layers or groups in ``layer`` and ``layers`` (a string ``layers`` is a mode
+        such as 'last'); plugins' evaluators that use the same names are checked alike.
+        """
+        recipe = self.recipe
+        models = list(recipe.models)
+        groups = sorted({g for label in models for g in recipe.groups_of(label)})
+        problems = []
+        for i, e in enumerate(recipe.evaluators):
+            if self.evaluators[e.key] is None:
+                continue
+            params = self.evaluators[e.key][1]
+            where = f"evaluators[{i}] ({e.name}).params"
+            value = {f: getattr(params, f) for f in ("models", "pairs", "group", "layer", "layers")
+                     if f in type(params).model_fields}
+            paired = [m for pair in value.get("pairs") or [] for m in pair]
+            for field, named in (("models", value.get("models") or []), ("pairs", paired)):
+                problems += [f"{where}.{field}: '{m}' is not a model of the recipe "
+                             f"({', '.join(models)})." for m in dict.fromkeys(named)
+                             if m not in recipe.models]
+            group = value.get("group")
+            if group is not None and group not in groups:
+                problems.append(f"{where}.group: '{group}' is not a layer group of the recipe "
+                                f"({', '.join(groups)}).")
+            scope = [m for m in value.get("models") or models if m in self.groups]
+            for field in ("layer", "layers"):
+                for name in _layer_names(value.get(field), field):
+                    lacking = [m for m in scope if name not in self.groups[m]
+                               and not any(name in ls for ls in self.groups[m].values())]
+                    if lacking:
+                        problems.append(f"{where}.{field}: {self._not_a_layer(name, lacking)}")
+        return problems
+
+    def _not_a_layer(self, name: str, models: list[str]) -> str:
+        groups = self.groups[models[0]]
+        layers = list(dict.fromkeys(la for ls in groups.values() for la in ls))
+        return (f"'{name}' is neither a layer group nor a selected layer of model(s) "
+                f"{', '.join(models)}. Model '{models[0]}' has the groups {', '.join(groups)} and "
+                f"the layers {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}.")
 
     def _check_metrics(self) -> list[str]:
         out = []
@@ -285,6 +388,15 @@ class CheckedRecipe:
                     f"the metric's own `batch_size` (the estimator minibatch); the seeds use 32."
                 )
         return out
+
+
+def _layer_names(value: Any, field: str) -> list[str]:
+    """The layer or group names of an evaluator's ``layer``/``layers`` value (lists nest)."""
+    if value is None or (field == "layers" and isinstance(value, str)):
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [n for item in value for n in _layer_names(item, "layer")]
 
 
 def with_run_settings(recipe: Recipe, overrides: dict[str, Any], path: Path) -> Recipe:

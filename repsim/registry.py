@@ -35,6 +35,9 @@ class Part(Generic[P]):
     ``build`` receives the validated parameter model and returns the part's object (a metric, a
     loaded model, a dataset, ...). ``info`` carries kind-specific facts shown by ``repsim list``
     (a metric's range and invariances, a model's expected checkpoint and preprocessing).
+    ``structure`` (models only, optional) builds the same network without reading weights; it
+    is called on the meta device (:meth:`skeleton`), so recipes are checked against the real
+    module names in a fraction of a second.
     """
 
     kind: str
@@ -44,6 +47,7 @@ class Part(Generic[P]):
     summary: str = ""
     info: Mapping[str, Any] = field(default_factory=dict)
     provider: str = "repsim"
+    structure: Callable[[P], Any] | None = None
 
     def validate(self, raw: Mapping[str, Any] | BaseModel | None = None, where: str = "") -> P:
         """Validate raw parameters; errors name the part and each offending field."""
@@ -66,6 +70,16 @@ class Part(Generic[P]):
         params = dict(raw or {}) if not isinstance(raw, BaseModel) else raw.model_dump()
         params.update(overrides)
         return self.build(self.validate(params))
+
+    def skeleton(self, params: P) -> Any:
+        """The part's ``structure`` built on the meta device: every module and shape, no weights
+        (a ViT-L in a tenth of a second). None if the part declares no structure."""
+        if self.structure is None:
+            return None
+        import torch
+
+        with torch.device("meta"):
+            return self.structure(params)
 
 
 T = TypeVar("T")

@@ -1,4 +1,8 @@
-"""Tables (tabulate) and figures (matplotlib) of similarity results."""
+"""Tables (tabulate) and figures (matplotlib) of similarity results.
+
+Rows, columns and axes are labelled with the layers' full names (``blocks.0``,
+``blocks.0.norm1``), as recipes, ``repsim layers`` and the result files name them.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from repsim.metrics.results import SimilarityResult
-
-
-def short_names(names: Sequence[str]) -> list[str]:
-    """Drop the prefix all names share (``blocks.0.norm1`` … → ``0.norm1`` …) for compact axes."""
-    if len(names) < 2:
-        return list(names)
-    split = [n.split(".") for n in names]
-    common = 0
-    while all(len(s) > common + 1 for s in split) and len({s[common] for s in split}) == 1:
-        common += 1
-    return [".".join(s[common:]) for s in split]
 
 
 def format_value(v: float) -> str:
@@ -39,7 +32,7 @@ def matrix_table(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str],
         cells = [[f"{c} [{format_value(lo)}, {format_value(hi)}]" for c, lo, hi in zip(*t)]
                  for t in zip(cells, lows, highs)]
     body = [[r, *row] for r, row in zip(rows, cells)]
-    return tabulate(body, headers=["", *short_names(cols)], tablefmt=fmt, disable_numparse=True)
+    return tabulate(body, headers=["", *cols], tablefmt=fmt, disable_numparse=True)
 
 
 def records_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "github") -> str:
@@ -71,8 +64,8 @@ def heatmap(values: torch.Tensor, rows: Sequence[str], cols: Sequence[str], titl
     ax = fig.add_subplot()
     im = ax.imshow(v, origin="lower", cmap=cmap, vmin=vrange[0], vmax=vrange[1],
                    aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(cols)), short_names(cols), rotation=90, fontsize=7)
-    ax.set_yticks(range(len(rows)), short_names(rows), fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if bool(values.isnan().any()):

@@ -193,7 +193,7 @@ def test_convert_command_reports_errors(cli: click.Group, tmp_path: Path) -> Non
     bad.write_bytes(b"not a checkpoint")
     result = CliRunner().invoke(cli, ["convert", str(bad), "--model", "dino_vit_s16", "--out",
                                       str(tmp_path / "o.safetensors")])
-    assert result.exit_code == 1 and "could not be read" in result.output
+    assert result.exit_code == 2 and "could not be read" in result.output
     assert not (tmp_path / "o.safetensors").exists()
     result = CliRunner().invoke(cli, ["convert", str(bad), "--model", "dino_vit_s16", "--out",
                                       str(tmp_path / "o.pth")])

@@ -88,7 +88,8 @@ def assert_vit_flags(model, name: str, ref: RefViT) -> None:
         assert module.global_pool == "token" and isinstance(module.norm, nn.LayerNorm)
         assert isinstance(module.fc_norm, nn.Identity)
     assert not module.training
-    assert model.preprocess == Preprocess.imagenet()
+    # the official transform (resize 256, crop 224) scaled to the network's 32-px inputs
+    assert model.preprocess == Preprocess(resize=IMG * 256 // 224, crop=IMG)
     assert (model.num_prefix_tokens, model.family, model.name) == (1, "vit", name)
 
 
@@ -128,7 +129,7 @@ def test_mocov3_position_embedding_is_filled_when_absent(tmp_path: Path) -> None
 
 
 def test_preprocess_override(tmp_path: Path) -> None:
-    _, path, params, _ = vit_case("dino_vit_s16", "bare", tmp_path)
+    _, path, params, _ = vit_case("dino_vit_s16", "bare", tmp_path, img=224)
     model = build_model("dino_vit_s16", checkpoint=path, **params,
                         preprocess={"resize": 256, "crop": 224, "interpolation": "bicubic"})
     assert model.preprocess == Preprocess(256, 224, interpolation="bicubic")

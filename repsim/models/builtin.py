@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from repsim.errors import RecipeError
 from repsim.hookspecs import Register, hookimpl
 from repsim.models.base import LoadedModel, Preprocess
 
@@ -20,11 +22,12 @@ class PreprocessParams(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    resize: int | None = None
-    crop: int | None = None
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    channels: int = 3
+    resize: int | None = Field(None, description="resize the shorter side to this many pixels")
+    crop: int | None = Field(None, description="centre-crop a square of this size; a ViT built "
+                             "for a fixed input size needs exactly that size")
+    mean: tuple[float, ...] = Field((0.485, 0.456, 0.406), description="per-channel mean")
+    std: tuple[float, ...] = Field((0.229, 0.224, 0.225), description="per-channel std")
+    channels: int = Field(3, description="a one-channel image is repeated to this many")
     interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
         "bilinear", description="resize filter; DINO's and MAE's own evaluations use 'bicubic'"
     )
@@ -44,8 +47,9 @@ class TimmParams(BaseModel):
     arch: str = Field(description="timm architecture name, e.g. 'vit_small_patch16_224'")
     checkpoint: Path | None = Field(None, description="local weights (.safetensors, .pth)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model")
-    preprocess: PreprocessParams | None = None
-    seed: int = 0
+    preprocess: PreprocessParams | None = Field(
+        None, description="override of timm's eval transform (only the fields given)")
+    seed: int = Field(0, description="seed of the random initialisation (no checkpoint)")
 
     @field_validator("kwargs")
     @classmethod
@@ -60,19 +64,20 @@ class TimmParams(BaseModel):
 
 class CallableParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    target: str = Field(description="'package.module:callable' returning an nn.Module")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Path | None = None
-    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
-    num_prefix_tokens: int = 0
+    target: str = Field(description="'package.module:callable' returning an nn.Module; the "
+                        "module must be importable by the Python running repsim (PYTHONPATH)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the callable")
+    checkpoint: Path | None = Field(None, description="local weights (.safetensors, .pth)")
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams,
+                                         description="the input transform")
+    num_prefix_tokens: int = Field(0, description="leading tokens (CLS, registers) of the "
+                                   "network's token outputs; 'cls' and 'gap_no_cls' need them")
 
 
-def build_timm(params: TimmParams) -> LoadedModel:
+def timm_structure(params: TimmParams) -> LoadedModel:
+    """The timm network and its transform, without reading the checkpoint."""
     import timm
     import torch
-
-    from repsim.errors import RecipeError
-    from repsim.models.checkpoints import load_into
 
     if not timm.is_model(params.arch):
         import difflib
@@ -84,17 +89,49 @@ def build_timm(params: TimmParams) -> LoadedModel:
             + " `python -c \"import timm; print(timm.list_models('vit_*'))\"` lists them."
         )
     torch.manual_seed(params.seed)
-    module = timm.create_model(params.arch, pretrained=False, **params.kwargs)
-    provenance: dict[str, Any] = {"arch": params.arch, "kwargs": params.kwargs}
-    if params.checkpoint is not None:
-        provenance.update(load_into(module, params.checkpoint))
+    try:
+        module = timm.create_model(params.arch, pretrained=False, **params.kwargs)
+    except TypeError as exc:  # an unknown keyword argument of the architecture's constructor
+        raise RecipeError(
+            f"timm architecture '{params.arch}' does not take kwargs {params.kwargs} ({exc}). "
+            "Check the names against the architecture's constructor (timm.models.*)."
+        ) from None
     preprocess = _timm_preprocess(module, params)
     if params.preprocess is not None:
         preprocess = params.preprocess.over(preprocess)
+    check_input_size(module, preprocess, f"'{params.arch}' (timm)", "kwargs.img_size")
     return LoadedModel(
         module, preprocess, name=params.arch,
         num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
-        family=_family(module), provenance=provenance,
+        family=_family(module), provenance={"arch": params.arch, "kwargs": params.kwargs},
+    )
+
+
+def build_timm(params: TimmParams) -> LoadedModel:
+    from repsim.models.checkpoints import load_into
+
+    loaded = timm_structure(params)
+    if params.checkpoint is not None:
+        loaded.provenance.update(load_into(loaded.module, params.checkpoint, loaded.name))
+    return loaded
+
+
+def check_input_size(module: Any, preprocess: Preprocess, model: str, size_param: str) -> None:
+    """Refuse a transform whose crop a ViT built for one input size cannot take: timm's patch
+    embedding asserts the size only in the forward, after every weight has been loaded."""
+    embed = getattr(module, "patch_embed", None)
+    size = tuple(getattr(embed, "img_size", None) or ())
+    crop = preprocess.crop
+    if crop is None or not size or not getattr(embed, "strict_img_size", False) or \
+            size == (crop, crop):
+        return
+    h, w = size
+    raise RecipeError(
+        f"model {model} is built for {h}x{w} inputs (patch_embed.img_size), but its preprocess "
+        f"gives crop {crop} ({crop}x{crop}): the forward would fail with 'Input height ({crop}) "
+        f"doesn't match model ({h})'. Fix: set preprocess.crop = {h} (and a matching resize), "
+        f"or build the model for {crop} px inputs ({size_param} = {crop}), or let it take any "
+        "size (dynamic_img_size = true)."
     )
 
 
@@ -117,11 +154,11 @@ def _timm_preprocess(module: Any, params: TimmParams) -> Preprocess:
     )
 
 
-def build_callable(params: CallableParams) -> LoadedModel:
+def callable_structure(params: CallableParams) -> LoadedModel:
+    """The user's network (the target called with ``kwargs``), without reading the checkpoint."""
     import importlib
 
-    from repsim.errors import RecipeError
-    from repsim.models.checkpoints import load_into
+    from torch import nn
 
     mod_name, _, attr = params.target.partition(":")
     if not attr:
@@ -132,16 +169,29 @@ def build_callable(params: CallableParams) -> LoadedModel:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
         raise RecipeError(
-            f"cannot import model target '{params.target}': {exc}. Check that the module is "
-            "importable (installed, or on PYTHONPATH) and the callable name is right."
+            f"cannot import model target '{params.target}': {exc}. The module must be importable "
+            f"by the Python that runs repsim ({sys.executable}): install it into that environment "
+            "(pip install -e DIR), or put its folder on PYTHONPATH (PYTHONPATH=DIR repsim run "
+            "...); neither the current directory nor the recipe's folder is searched."
         ) from None
     module = fn(**params.kwargs)
-    provenance: dict[str, Any] = {"target": params.target}
-    if params.checkpoint is not None:
-        provenance.update(load_into(module, params.checkpoint))
-    return LoadedModel(module, params.preprocess.build(), name=params.target,
+    if not isinstance(module, nn.Module):
+        raise RecipeError(f"model target '{params.target}' returned a {type(module).__name__}, "
+                          "not a torch.nn.Module.")
+    preprocess = params.preprocess.build()
+    check_input_size(module, preprocess, f"'{params.target}'", "its img_size")
+    return LoadedModel(module, preprocess, name=params.target,
                        num_prefix_tokens=params.num_prefix_tokens, family=_family(module),
-                       provenance=provenance)
+                       provenance={"target": params.target})
+
+
+def build_callable(params: CallableParams) -> LoadedModel:
+    from repsim.models.checkpoints import load_into
+
+    loaded = callable_structure(params)
+    if params.checkpoint is not None:
+        loaded.provenance.update(load_into(loaded.module, params.checkpoint, loaded.name))
+    return loaded
 
 
 def _family(module: Any) -> str:
@@ -154,9 +204,9 @@ def _family(module: Any) -> str:
 
 @hookimpl
 def register_models(register: Register) -> None:
-    register("timm", build_timm, params=TimmParams,
+    register("timm", build_timm, params=TimmParams, structure=timm_structure,
              summary="any timm architecture by name, with local weights (never downloads)",
              checkpoint="optional: .safetensors or .pth state dict", preprocess="timm's config")
-    register("callable", build_callable, params=CallableParams,
+    register("callable", build_callable, params=CallableParams, structure=callable_structure,
              summary="your own network: 'package.module:callable' returning an nn.Module",
              checkpoint="optional: .safetensors or .pth state dict", preprocess="as given")

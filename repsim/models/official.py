@@ -7,11 +7,13 @@ exact loading and the messages when a file does not fit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -22,8 +24,9 @@ import torch
 from torch import nn
 
 from repsim.errors import CheckpointError, RecipeError
-from repsim.models.base import LoadedModel
-from repsim.models.checkpoints import Checkpoint, read_checkpoint
+from repsim.models.base import LoadedModel, Preprocess
+from repsim.models.builtin import check_input_size
+from repsim.models.checkpoints import Checkpoint, log, log_reading, read_checkpoint
 from repsim.models.methods import DDP_PREFIX, METHODS
 from repsim.models.zoo import ENTRIES, ZooEntry, ZooParams
 
@@ -46,6 +49,8 @@ class Extracted:
 
 def build_official(entry: ZooEntry, params: ZooParams) -> LoadedModel:
     """Read the checkpoint, convert its keys, build the backbone and load it exactly."""
+    started = time.perf_counter()
+    log_reading(entry.name, Path(params.checkpoint))
     ckpt = read_checkpoint(params.checkpoint)
     branch = getattr(params, "branch", None)
     explicit = "branch" in params.model_fields_set
@@ -55,9 +60,14 @@ def build_official(entry: ZooEntry, params: ZooParams) -> LoadedModel:
     else:
         extracted = extract(entry, ckpt, branch, explicit)
     classes = _head_classes(entry, extracted.state)
-    module = _create(entry, classes, overrides)
+    # The skeleton on the meta device: no random init to pay for, since every tensor is then
+    # assigned from the file (a ViT-L initialises in seconds, and would hold two copies).
+    with torch.device("meta"):
+        module = _create(entry, classes, overrides)
+    preprocess = _preprocess(entry, params, overrides, module)
     filled = _load_exact(entry, module, extracted.state, ckpt.path, overrides)
-    preprocess = params.preprocess.build() if params.preprocess else entry.training.preprocess
+    log.info("%s: loaded %d tensors from %s in %.1f s", entry.name, len(extracted.state),
+             extracted.layout, time.perf_counter() - started)
     provenance: dict[str, Any] = {
         "model": entry.name,
         "checkpoint": str(ckpt.path),
@@ -80,6 +90,38 @@ def build_official(entry: ZooEntry, params: ZooParams) -> LoadedModel:
         num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
         family=entry.family, provenance=provenance,
     )
+
+
+def official_structure(entry: ZooEntry, params: ZooParams) -> LoadedModel:
+    """The entry's network and transform without its weights, on the current device.
+
+    The file is not read, except the header of a `repsim convert` output, which records the
+    architecture's size. A classifier, whose size only the weights tell, is left out.
+    """
+    overrides = dict(params.arch_overrides) or _converted_overrides(Path(params.checkpoint))
+    module = _create(entry, None, overrides)
+    return LoadedModel(module, _preprocess(entry, params, overrides, module), name=entry.name,
+                       num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
+                       family=entry.family, provenance={"model": entry.name})
+
+
+def _preprocess(entry: ZooEntry, params: ZooParams, overrides: dict[str, Any],
+                module: nn.Module) -> Preprocess:
+    """The override, or the method's evaluation transform at the network's input size
+    (``arch_overrides.img_size`` scales resize and crop alike); refused if the network cannot
+    take its crop."""
+    if params.preprocess is not None:
+        preprocess = params.preprocess.build()
+    else:
+        preprocess = entry.training.preprocess
+        size = overrides.get("img_size")
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        if size is not None and preprocess.crop and preprocess.resize:
+            preprocess = dataclasses.replace(
+                preprocess, resize=math.floor(size * preprocess.resize / preprocess.crop),
+                crop=size)
+    check_input_size(module, preprocess, f"'{entry.name}'", "arch_overrides.img_size")
+    return preprocess
 
 
 # ------------------------------------------------------------------ finding the backbone's keys
@@ -310,6 +352,21 @@ def _from_converted(entry: ZooEntry, ckpt: Checkpoint, branch: str | None,
     return extracted, overrides or dict(saved.get("arch_overrides", {}))
 
 
+def _converted_overrides(path: Path) -> dict[str, Any]:
+    """The arch_overrides a `repsim convert` output was made with, read from its header alone;
+    none for any other file (a missing or bad one is reported when the run reads it)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - reading the weights reports the bad file with its cause
+        return {}
+    return dict(json.loads(metadata.get(META_PARAMS, "{}")).get("arch_overrides", {}))
+
+
 # ------------------------------------------------------------------ building and loading
 
 
@@ -322,11 +379,9 @@ def _head_classes(entry: ZooEntry, state: dict[str, torch.Tensor]) -> int | None
 
 
 def _create(entry: ZooEntry, classes: int | None, overrides: dict[str, Any]) -> nn.Module:
-    """The network's skeleton on the meta device: no random init to pay for, since every tensor
-    is then assigned from the file (a ViT-L initialises in seconds, and would hold two copies)."""
+    """The network, on the current device, in eval mode."""
     try:
-        with torch.device("meta"):
-            return _create_on_current_device(entry, classes, overrides).eval()
+        return _create_on_current_device(entry, classes, overrides).eval()
     except TypeError as exc:
         raise RecipeError(
             f"model '{entry.name}': arch_overrides {overrides} are not accepted by {entry.arch} "

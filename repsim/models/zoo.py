@@ -162,16 +162,28 @@ def _builder(e: ZooEntry) -> Callable[[ZooParams], LoadedModel]:
     return build
 
 
+def _structure(e: ZooEntry) -> Callable[[ZooParams], LoadedModel]:
+    def structure(params: ZooParams) -> LoadedModel:
+        from repsim.models.official import official_structure
+
+        return official_structure(e, params)
+
+    return structure
+
+
 @hookimpl
 def register_models(register: Register) -> None:
     for e in ENTRIES:
         register(e.name, _builder(e), params=PARAMS[e.method], summary=e.summary,
-                 checkpoint=e.checkpoint, preprocess=e.training.preprocess.describe())
+                 structure=_structure(e), checkpoint=e.checkpoint,
+                 preprocess=e.training.preprocess.describe())
 
 
 @hookimpl
 def register_commands(cli: Any) -> None:
     import click
+
+    from repsim.cli import progress_messages, user_errors
 
     @cli.command("convert")
     @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -182,21 +194,19 @@ def register_commands(cli: Any) -> None:
     @click.option("--param", "-p", "raw_params", multiple=True, metavar="KEY=VALUE",
                   help="model parameter (VALUE read as TOML or JSON if it parses), e.g. "
                   "-p branch=student")
+    @user_errors
     def convert(checkpoint: Path, model_name: str, out: Path, raw_params: tuple[str, ...]) -> None:
         """Convert an official CHECKPOINT once to a safe, fast .safetensors file.
 
         The output holds the backbone's weights under timm/torchvision names plus the model name;
         every model entry accepts it as `checkpoint`.
         """
-        from repsim.errors import RepsimError
         from repsim.models.official import convert_checkpoint
         from repsim.options import parse_key_values
 
-        try:
-            params = parse_key_values(raw_params)
+        params = parse_key_values(raw_params)
+        with progress_messages():
             result = convert_checkpoint(model_name, checkpoint, out, **params)
-        except RepsimError as exc:
-            raise click.ClickException(str(exc)) from None
         click.echo(f"wrote {result.path} ({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)"
                    f" for model '{model_name}'; dropped {result.dropped} keys of the original")
 

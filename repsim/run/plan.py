@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from repsim.errors import RecipeError, RepsimError
+from repsim.errors import RepsimError
 from repsim.run.cache import CachePlan
 
 if TYPE_CHECKING:
@@ -178,23 +178,5 @@ def _model_plan(checked: CheckedRecipe, label: str, settings: DeviceSettings,
     if not loaded.name:
         loaded.name = label
     loaded.module.to(settings.device)
-    groups: dict[str, list[str]] = {}
-    layer_reduce: dict[str, str] = {}
-    specs = recipe.groups_of(label)
-    for group, (sel_part, sel_params) in checked.selectors[label].items():
-        try:
-            chosen = sel_part.build(sel_params).select(loaded)
-        except RepsimError as exc:
-            raise type(exc)(f"models.{label}, layer group '{group}': {exc}") from None
-        if chosen:  # an empty override (`norm1 = []`) leaves a group out for this model
-            groups[group] = chosen
-        for layer in chosen if specs[group].reduce else []:
-            if layer_reduce.setdefault(layer, specs[group].reduce) != specs[group].reduce:
-                raise RecipeError(
-                    f"models.{label}: layer '{layer}' is in two layer groups with different "
-                    f"reductions ('{layer_reduce[layer]}' and '{specs[group].reduce}'); give both "
-                    "groups the same `reduce`.")
-    if not groups:
-        raise RecipeError(f"models.{label}: every layer group is empty for this model; select at "
-                          "least one layer.")
+    groups, layer_reduce = checked.select_layers(label, loaded)
     return ModelPlan(label, part.name, loaded, groups, recipe.reduce_of(label), layer_reduce)
