@@ -154,10 +154,8 @@ def _validation_error(path: Path, exc: ValidationError) -> RecipeError:
 
 
 def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(path, exc) from None
+    """Validate a recipe's text; ``include`` entries are read relative to ``path``'s folder."""
+    raw = _with_includes(_read_toml(text, path), path, (path.resolve(),))
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -168,6 +166,70 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (or the name of an embedded recipe such as ``mini``)."""
     path = resolve_recipe_path(path)
     return parse_recipe(path.read_text(encoding="utf-8"), path)
+
+
+def _read_toml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(path, exc) from None
+
+
+def _with_includes(raw: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A recipe with the recipes it ``include``s merged in (recursively, in order).
+
+    The including recipe's own ``[run]`` and ``[data]`` keys win over the included ones';
+    ``[models]`` and ``[layers]`` are united (one name defined two ways is an error naming both
+    files); ``[[metrics]]`` and ``[[evaluators]]`` are concatenated, an entry included twice
+    counted once. So one figure's recipe runs alone, and a composite of several extracts their
+    shared models and data once.
+    """
+    includes = raw.pop("include", [])
+    if not includes:
+        return raw
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise RecipeError(f"{path}: `include` must be a list of recipe files, e.g. "
+                          'include = ["paper/fig1.toml"].')
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, str], Path] = {}  # (table, name) -> the file that defined it
+    for name in includes:
+        child = (path.parent / name).resolve()
+        if child in chain:
+            cycle = " -> ".join(str(p) for p in (*chain[chain.index(child):], child))
+            raise RecipeError(f"{path}: include cycle {cycle}. Remove one of these includes.")
+        if not child.is_file():
+            raise RecipeError(f"{path}: included recipe '{name}' does not exist (looked for "
+                              f"{child}). Paths in `include` are relative to the including file.")
+        sub = _with_includes(_read_toml(child.read_text(encoding="utf-8"), child), child,
+                             (*chain, child))
+        _merge(merged, sub, child, origin)
+    _merge(merged, raw, path, origin, own=True)
+    return merged
+
+
+def _merge(into: dict[str, Any], raw: dict[str, Any], path: Path,
+           origin: dict[tuple[str, str], Path], own: bool = False) -> None:
+    for table, value in raw.items():
+        if table in ("run", "data") and isinstance(value, dict):
+            into.setdefault(table, {})
+            for key, v in value.items():  # later files fill in; the including file wins
+                if own or key not in into[table]:
+                    into[table][key] = v
+        elif table in ("models", "layers") and isinstance(value, dict):
+            into.setdefault(table, {})
+            for name, v in value.items():
+                if name in into[table] and into[table][name] != v and not own:
+                    raise RecipeError(
+                        f"{path}: {table}.{name} is defined differently in "
+                        f"{origin[(table, name)]}. Define it once (in a shared included "
+                        "recipe), or identically in both.")
+                into[table][name] = v
+                origin.setdefault((table, name), path)
+        elif table in ("metrics", "evaluators") and isinstance(value, list):
+            into.setdefault(table, [])
+            into[table].extend(v for v in value if v not in into[table])
+        else:
+            into[table] = value
 
 
 def embedded_recipes() -> dict[str, Path]:
