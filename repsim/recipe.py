@@ -293,7 +293,9 @@ class CheckedRecipe:
             except RecipeError as exc:
                 problems.append(str(exc))
                 return None
-            missing.extend(_missing_paths(validated, where + ".params"))
+            source = part.info.get("source")  # where the authors publish the file
+            missing.extend(f"{m} (published at {source}; see docs/models.md)" if source else m
+                           for m in _missing_paths(validated, where + ".params"))
             return part, validated
 
         d = recipe.data

@@ -175,7 +175,7 @@ def _structure(e: ZooEntry) -> Callable[[ZooParams], LoadedModel]:
 def register_models(register: Register) -> None:
     for e in ENTRIES:
         register(e.name, _builder(e), params=PARAMS[e.method], summary=e.summary,
-                 structure=_structure(e), checkpoint=e.checkpoint,
+                 structure=_structure(e), checkpoint=e.checkpoint, source=e.url,
                  preprocess=e.training.preprocess.describe())
 
 
