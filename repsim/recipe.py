@@ -45,6 +45,8 @@ class RunSection(_Strict):
     num_workers: int = Field(0, ge=0, description="data-loading worker processes")
     prefetch: int = Field(2, ge=1, description="batches each data-loading worker prepares ahead")
     checkpoint_every: int = Field(20, ge=1, description="batches between resumable state saves")
+    heatmaps: bool = Field(True, description="a heatmap per model pair and layer group in "
+                           "figures/ (the report's figure grids are written either way)")
     device: str = Field("auto", description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N "
                         "or mps")
     precision: Literal["fp32", "bf16", "fp16"] = Field(

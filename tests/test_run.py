@@ -272,3 +272,11 @@ def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path: Path) -> Non
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_heatmaps_can_be_left_to_the_report(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(run="heatmaps = false")
+    run = Run(check_recipe(path), tmp_path / "run", progress=False, quiet=True).execute()
+    assert not (run / "figures").exists()
+    assert (run / "tables/minibatch_cka/a__b__blocks.md").is_file()
+    assert "data:image/png;base64," in (run / "report/index.html").read_text()

@@ -103,6 +103,8 @@ def write_similarity(run_dir: Path, plan: RunPlan, key: str, a: str, b: str,
                      + matrix_table(sub.values, sub.rows, sub.cols, intervals=sub.intervals)
                      + "\n")
         store.write_text(run_dir / "tables" / key / f"{name}__{group}.md", text)
+        if not plan.recipe.run.heatmaps:
+            continue
         store.write_figure(
             run_dir / "figures" / key / f"{name}__{group}.png",
             lambda sub=sub, group=group: heatmap(sub.values, sub.rows, sub.cols,

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 # Settings of [run] that change where or how fast a run computes, or only what later stages do
 # with the pass: not part of a pass's fingerprint.
 _NOT_IN_PASS = ("output", "num_workers", "prefetch", "device", "threads", "checkpoint_every",
-                "confidence", "name")
+                "confidence", "name", "heatmaps")
 
 
 def _hash(data: Any) -> str:
