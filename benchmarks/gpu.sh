@@ -42,6 +42,11 @@ $PY benchmarks/bench_pass.py --device cuda --precision fp32 --arch vit_base_patc
   --models 4 --examples 1024 --batch-size 256 --repeats 2 --cases cls --skip-threads \
   2>&1 | tee "$LOG/bench_pass_fp32.txt" || status=1
 
+echo "== bench_finetune: ViT-B/16, bf16, batch 256"
+$PY benchmarks/bench_finetune.py --device cuda --precision bf16 --arch vit_base_patch16_224 \
+  --batch-size 256 --device-batch 256 --num-workers 8 --steps 10 2>&1 \
+  | tee "$LOG/bench_finetune.txt" || status=1
+
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -gt 1 ]; then
   echo "== bench_distributed: 1 .. $gpus GPUs"

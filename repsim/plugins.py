@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "repsim.data.builtin",
     "repsim.layers",
     "repsim.evaluators.builtin",
+    "repsim.finetune.plugin",
 )
 
 _HOOK_OF_KIND = {

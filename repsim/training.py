@@ -7,7 +7,7 @@ which a run resumes bit-identically (on CPU). Imported only when training runs: 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +24,17 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bf
                                                   "fp16": torch.float16}
 
 
+# What a checkpoint holds besides the state dicts of the model, optimizer, scaler and schedule.
+_OWN_KEYS = ("epoch", "loss", "steps", "generator", "rng")
+
+
 @dataclass
 class History:
     """What a run did: the mean loss of every epoch (resumed ones included)."""
 
     loss: list[float]
     resumed_at: int = 0  # epochs already done in the checkpoint it started from (0: fresh)
+    steps: int = 0  # optimizer steps done (resumed ones included)
 
 
 def train(model: nn.Module, batches: Callable[[torch.Generator], Iterable[tuple[Any, Any]]],
@@ -38,7 +43,9 @@ def train(model: nn.Module, batches: Callable[[torch.Generator], Iterable[tuple[
           precision: Precision = "fp32", accumulate: int = 1,
           clip_grad_norm: float | None = None, seed: int = 0,
           checkpoint: str | Path | None = None,
-          on_epoch: Callable[[int, float], None] | None = None) -> History:
+          on_epoch: Callable[[int, float], None] | None = None,
+          on_step: Callable[[int], None] | None = None,
+          state: Mapping[str, Any] | None = None, save_checkpoint: bool = True) -> History:
     """Train ``model`` for ``epochs`` epochs; returns the loss history. The model is left in
     train mode, on the device it was given on (batches must already be there).
 
@@ -50,12 +57,18 @@ def train(model: nn.Module, batches: Callable[[torch.Generator], Iterable[tuple[
     ``precision``: autocast of the forward and loss to bf16 or fp16 (fp16 with a gradient scaler;
     CUDA only). ``accumulate``: micro-batches per optimizer step, each loss divided by it; an
     epoch's short last group steps with the mean gradient of the micro-batches it had.
-    ``schedule`` steps once per optimizer step. ``clip_grad_norm``: max total gradient 2-norm.
+    ``schedule`` steps once per optimizer step: a torch scheduler by ``step()``, a timm one (it has
+    ``step_update``) by ``step_update(steps)``, timm's per-update convention. ``on_step(steps)``
+    runs after every optimizer step and its schedule step; ``steps`` counts the optimizer steps of
+    the whole run, resumed ones included. ``clip_grad_norm``: max total gradient 2-norm.
 
     ``checkpoint``: after each epoch, model, optimizer, schedule, scaler, RNG states and history
     are written there atomically; an existing checkpoint is loaded and the run continues after its
     last epoch. ``on_epoch(epochs_done, epoch_loss)`` runs before that epoch's checkpoint, so an
-    epoch whose callback raised is redone (callback included) on resume.
+    epoch whose callback raised is redone (callback included) on resume. ``state``: further
+    objects with ``state_dict()``/``load_state_dict()`` (a path-length accumulator) saved in the
+    checkpoint and restored after the model and optimizer. ``save_checkpoint=False`` resumes from
+    ``checkpoint`` but never writes it (the ranks of a distributed run but one).
     """
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}; got {precision!r}")
@@ -71,8 +84,13 @@ def train(model: nn.Module, batches: Callable[[torch.Generator], Iterable[tuple[
     stateful: dict[str, Any] = {"model": model, "optimizer": optimizer, "scaler": scaler}
     if schedule is not None:
         stateful["schedule"] = schedule
+    for name, part in (state or {}).items():
+        if name in stateful or name in _OWN_KEYS:
+            raise ValueError(f"state name {name!r} is one the loop's checkpoint uses itself")
+        stateful[name] = part
     params = [p for group in optimizer.param_groups for p in group["params"]]
     path = Path(checkpoint) if checkpoint is not None else None
+    history = History([])
 
     def step(micro: int) -> None:
         if micro < accumulate:  # each loss was divided by ``accumulate``: make it their mean
@@ -84,14 +102,18 @@ def train(model: nn.Module, batches: Callable[[torch.Generator], Iterable[tuple[
             nn.utils.clip_grad_norm_(params, clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
-        if schedule is not None:
+        history.steps += 1
+        if hasattr(schedule, "step_update"):  # timm: the lr of the next update, by its index
+            schedule.step_update(history.steps)
+        elif schedule is not None:
             schedule.step()
+        if on_step is not None:
+            on_step(history.steps)
 
     rngs = _global_generators(device)
     with _restored(rngs):
         for g in rngs:
             g.manual_seed(seed)
-        history = History([])
         if path is not None and path.exists():
             history = _load(path, stateful, generator, rngs, epochs)
         for epoch in range(len(history.loss), epochs):
@@ -115,7 +137,7 @@ def train(model: nn.Module, batches: Callable[[torch.Generator], Iterable[tuple[
             history.loss.append(float(total) / count)
             if on_epoch is not None:
                 on_epoch(epoch + 1, history.loss[-1])
-            if path is not None:
+            if path is not None and save_checkpoint:
                 _save(path, stateful, generator, rngs, history)
     return history
 
@@ -144,8 +166,8 @@ def _restored(gens: list[torch.Generator]) -> Iterator[None]:
 def _save(path: Path, stateful: dict[str, Any], generator: torch.Generator,
           rngs: list[torch.Generator], history: History) -> None:
     state = {name: part.state_dict() for name, part in stateful.items()}
-    state.update(epoch=len(history.loss), loss=history.loss, generator=generator.get_state(),
-                 rng=[g.get_state() for g in rngs])
+    state.update(epoch=len(history.loss), loss=history.loss, steps=history.steps,
+                 generator=generator.get_state(), rng=[g.get_state() for g in rngs])
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -167,4 +189,6 @@ def _load(path: Path, stateful: dict[str, Any], generator: torch.Generator,
     if state["epoch"] > epochs:
         raise CheckpointError(f"training checkpoint {path} is at epoch {state['epoch']}, past the "
                               f"{epochs} asked for; delete it to start afresh.")
-    return History(list(state["loss"]), resumed_at=state["epoch"])
+    # Checkpoints written before the step count was saved resume with 0: their schedules were
+    # torch ones, which keep their own count.
+    return History(list(state["loss"]), resumed_at=state["epoch"], steps=state.get("steps", 0))

@@ -1,5 +1,6 @@
 """The shared training loop: it learns, accumulates exactly, resumes bit-identically, loads
-checkpoints as data only, and runs bf16 (but not fp16) autocast on the CPU."""
+checkpoints as data only, and runs bf16 (but not fp16) autocast on the CPU; per-step hooks, timm
+schedules and extra state resume with it."""
 
 from __future__ import annotations
 
@@ -144,3 +145,53 @@ def test_bf16_autocast_on_cpu():
 def test_fp16_on_cpu_is_refused():
     with pytest.raises(DeviceError, match="'fp16'.*'bf16' or 'fp32'"):
         run(net(), 1, precision="fp16")
+
+
+def test_on_step_counts_every_optimizer_step_across_a_resume(tmp_path: Path):
+    # A timm scheduler steps by update index (step_update), a torch one by step().
+    from timm.scheduler import CosineLRScheduler
+
+    ckpt, seen = tmp_path / "train.pt", []
+
+    def run_timm(epochs: int) -> tuple[History, torch.optim.Optimizer, CosineLRScheduler]:
+        model = net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        sched = CosineLRScheduler(opt, t_initial=16, warmup_t=4, warmup_lr_init=0.0,
+                                  t_in_epochs=False)
+        hist = train(model, shuffled(*toy(), 32), F.cross_entropy, opt, epochs,
+                     schedule=sched, checkpoint=ckpt, on_step=seen.append)
+        return hist, opt, sched
+
+    run_timm(1)
+    assert seen == list(range(1, 9))  # 256 examples in batches of 32
+    hist, opt, sched = run_timm(2)
+    assert seen == list(range(1, 17)) and (hist.steps, hist.resumed_at) == (16, 1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(sched._get_lr(16)[0])
+
+
+class Counter:
+    """Extra state a run checkpoints: a number."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.n = state["n"]
+
+
+def test_extra_state_is_checkpointed_and_a_reader_never_writes(tmp_path: Path):
+    ckpt, counter = tmp_path / "train.pt", Counter()
+
+    def bump(steps: int) -> None:
+        counter.n += 1
+
+    run(net(), 1, checkpoint=ckpt, on_step=bump, state={"counter": counter})
+    restored = Counter()
+    run(net(), 2, checkpoint=ckpt, state={"counter": restored}, save_checkpoint=False)
+    assert counter.n == 8 and restored.n == 8  # restored from epoch 1's checkpoint
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1  # not rewritten by the reader
+    with pytest.raises(ValueError, match="'loss' is one the loop's checkpoint uses"):
+        run(net(), 1, state={"loss": Counter()})

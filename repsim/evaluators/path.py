@@ -118,6 +118,33 @@ class _Reader:
         return t.detach().double()
 
 
+def parameter_groups(keys: Sequence[str], layer_types: Mapping[str, str] | None = None,
+                     block_pattern: str = DEFAULT_BLOCK
+                     ) -> tuple[dict[str, list[int]], list[str], list[str]]:
+    """The groups of parameters ``keys``: ``"all"``, each layer type (the first ``layer_types``
+    regex that matches, else ``"other"``), each block and each block × type
+    (``"blocks.3/attention"``), as indices into ``keys``; with the types found (in
+    ``layer_types`` order) and the blocks found (natural order)."""
+    types = dict(DEFAULT_LAYER_TYPES if layer_types is None else layer_types)
+    type_res = {t: re.compile(p) for t, p in types.items()}
+    block_re = re.compile(block_pattern)
+    groups: dict[str, list[int]] = {"all": list(range(len(keys)))}
+    found_types: list[str] = []
+    found_blocks: list[str] = []
+    for i, key in enumerate(keys):
+        kind = next((t for t, r in type_res.items() if r.search(key)), "other")
+        m = block_re.search(key)
+        names = [kind] + ([m.group(1), f"{m.group(1)}/{kind}"] if m else [])
+        for name in names:
+            groups.setdefault(name, []).append(i)
+        if kind not in found_types:
+            found_types.append(kind)
+        if m and m.group(1) not in found_blocks:
+            found_blocks.append(m.group(1))
+    order = [t for t in [*types, "other"] if t in found_types]
+    return groups, order, sorted(found_blocks, key=_natural)
+
+
 def path_efficiency_report(snapshots: Sequence[Snapshot], *, reference: Snapshot | None = None,
                            exclude: Sequence[str] = DEFAULT_EXCLUDE,
                            layer_types: Mapping[str, str] | None = None,
@@ -128,9 +155,6 @@ def path_efficiency_report(snapshots: Sequence[Snapshot], *, reference: Snapshot
     if len(snapshots) < 2:
         raise FeatureError(f"path efficiency needs at least 2 snapshots (θ_0 and θ_T); got "
                            f"{len(snapshots)}.")
-    types = dict(DEFAULT_LAYER_TYPES if layer_types is None else layer_types)
-    type_res = {t: re.compile(p) for t, p in types.items()}
-    block_re = re.compile(block_pattern)
     with ExitStack() as stack:
         first = _Reader(snapshots[0], stack)
         shapes = dict(first.shapes)
@@ -156,27 +180,14 @@ def path_efficiency_report(snapshots: Sequence[Snapshot], *, reference: Snapshot
         raise FeatureError("no parameter is shared by the snapshots (after exclusions "
                            f"{list(exclude)}).")
 
-    groups: dict[str, list[int]] = {"all": list(range(len(keys)))}
-    found_types: list[str] = []
-    found_blocks: list[str] = []
-    for i, key in enumerate(keys):
-        kind = next((t for t, r in type_res.items() if r.search(key)), "other")
-        m = block_re.search(key)
-        names = [kind] + ([m.group(1), f"{m.group(1)}/{kind}"] if m else [])
-        for name in names:
-            groups.setdefault(name, []).append(i)
-        if kind not in found_types:
-            found_types.append(kind)
-        if m and m.group(1) not in found_blocks:
-            found_blocks.append(m.group(1))
+    groups, order, found_blocks = parameter_groups(keys, layer_types, block_pattern)
     eff, disp, length = {}, {}, {}
     for name, idx in groups.items():
         ix = torch.tensor(idx)
         disp[name] = math.sqrt(float(total[ix].sum()))
         length[name] = float(steps[ix].sum(0).sqrt().sum())
         eff[name] = disp[name] / length[name] if length[name] > 0 else float("nan")
-    order = [t for t in [*types, "other"] if t in found_types]
-    return PathEfficiency(eff, disp, length, order, sorted(found_blocks, key=_natural),
+    return PathEfficiency(eff, disp, length, order, found_blocks,
                           len(snapshots), int(sum(math.prod(shapes[k]) for k in keys)), keys,
                           excluded)
 

@@ -212,7 +212,7 @@ class PaperObservations(Evaluator):
         # 5. MAE's fine-tuning path through attention parameters is the more efficient (Fig. 14).
         title = "MAE fine-tunes along a more efficient path in attention layers"
         eff = {r.removesuffix("_ft"): ctx.model_info(lbl).get("provenance", {})
-               .get("path_efficiency", {}).get("attn")
+               .get("path_efficiency", {}).get("attention")
                for r, lbl in roles.items() if r.endswith("_ft")}
         eff = {k: v for k, v in eff.items() if v is not None}
         if "mae" in eff and any(j in eff for j in JE):

@@ -48,18 +48,15 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
     return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(module: nn.Module, weight_decay: float,
-                 lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms and position/class tokens; optional per-parameter
-    learning-rate scales (layer-wise decay in fine-tuning)."""
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norms and position/class tokens."""
+    groups: dict[float, list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         wd = 0.0 if p.ndim <= 1 or name.endswith(_NO_DECAY) else weight_decay
-        scale = (lr_scale or {}).get(name, 1.0)
-        groups.setdefault((wd, scale), []).append(p)
-    return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
+        groups.setdefault(wd, []).append(p)
+    return [{"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
 
 
 def summarise_losses(losses: list[float]) -> dict[str, Any]:
@@ -97,7 +94,7 @@ def pretrain(objective: str, preset: Preset, seed: int,
         for step in bar:
             lr = lr_at(step, sched.steps, warmup, sched.lr, sched.min_lr)
             for group in opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+                group["lr"] = lr
             idx = batches.next()
             loss = obj.loss(images[idx], labels[idx], g, step / sched.steps)
             opt.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ import torch
 
 from repsim.models import LoadedModel, Preprocess
 from repsim_minizoo import cache, objectives
-from repsim_minizoo.config import CONTROL, PRESETS, Preset, config_key
+from repsim_minizoo.config import CONTROL, PRESETS, Preset, config_key, to_jsonable
 from repsim_minizoo.data import MEAN, STD
 from repsim_minizoo.vit import build_vit
 
@@ -29,7 +29,10 @@ def pretrained_key(objective: str, preset: Preset, seed: int) -> str:
 
 
 def finetuned_key(objective: str, preset: Preset, seed: int) -> str:
-    return config_key({"finetune": preset.finetune, "arch": preset.arch, "data": DATA,
+    from repsim.finetune.config import CODE_VERSION as RUNNER_VERSION
+
+    return config_key({"finetune": preset.finetune.settings(seed).model_dump(mode="json"),
+                       "runner": RUNNER_VERSION, "arch": preset.arch, "data": DATA,
                        "seed": seed, "pretrained": pretrained_key(objective, preset, seed)})
 
 
@@ -50,32 +53,49 @@ def pretrained(objective: str, preset_name: str = "default", seed: int = 0,
     return state, record, path
 
 
-def snapshot_dir(final: Path) -> Path:
-    return final.with_suffix(".epochs")
+def run_dir(final: Path) -> Path:
+    """The fine-tuning run directory of a fine-tuned entry (snapshots, path lengths)."""
+    return final.with_suffix(".run")
 
 
 def finetuned(objective: str, preset_name: str = "default", seed: int = 0,
               progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """Weights, record and cache path of a fine-tuned entry (per-epoch snapshots beside it)."""
-    from repsim_minizoo.finetune import finetune
+    """Weights, record and cache path of a fine-tuned entry, fine-tuned by the core's runner
+    (:mod:`repsim.finetune`) from the pretrained entry; its run directory lies beside it."""
+    import time
+
+    from repsim.finetune.runner import finetune
+    from repsim.plugins import build_part
+    from repsim_minizoo.train import deterministic, threads
 
     preset = PRESETS[preset_name]
     path = cache.entry_path(f"{objective}_ft", finetuned_key(objective, preset, seed))
     state = cache.load_weights(path)
     if state is not None:
         return state, cache.read_meta(path), path
-    backbone, pre_record, pre_path = pretrained(objective, preset_name, seed, progress)
-    snaps = snapshot_dir(path)
-
-    def save_epoch(epoch: int, epoch_state: dict[str, torch.Tensor]) -> None:
-        cache.save_weights(snaps / f"epoch_{epoch:03d}.safetensors", epoch_state,
-                           {"objective": objective, "epoch": epoch})
-
-    state, record = finetune(backbone, preset.arch, preset.finetune, seed, save_epoch, progress,
-                             desc=f"minizoo {objective}_ft")
-    record.update(objective=objective, preset=preset_name, pretrained=str(pre_path),
-                  snapshots=sorted(str(p) for p in snaps.glob("epoch_*.safetensors")))
-    # The final weights go last: their presence marks the entry (and its snapshots) complete.
+    _, _, pre_path = pretrained(objective, preset_name, seed, progress)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with deterministic():
+        backbone = build(f"minizoo_{objective}", objective, False, preset_name, seed,
+                         progress=progress)
+        data = build_part("dataset", DATA["dataset"], split=DATA["split"],
+                          val_fraction=DATA["val_fraction"], seed=DATA["split_seed"])
+        source = {"model": {"model": f"minizoo_{objective}",
+                            "params": {"preset": preset_name, "seed": seed}}, "data": DATA}
+        prov = finetune(backbone, data, preset.finetune.settings(seed), run_dir(path),
+                        source=source, progress=progress)
+    run = run_dir(path)
+    state = cache.load_weights(run / "final.safetensors")
+    record = {"objective": objective, "preset": preset_name, "seed": seed,
+              "epochs": prov["epochs"], "steps": prov["steps"], "pretrained": str(pre_path),
+              "train_seconds": round(time.perf_counter() - start, 2),
+              "cpu_seconds": round(time.process_time() - cpu_start, 2), "threads": threads(),
+              "schedule": to_jsonable(preset.finetune), "loss_first": prov["loss"][0],
+              "loss_final": prov["loss"][-1], "loss_curve": prov["loss"],
+              "run": str(run), "snapshots": [str(run / "snapshots" / n) for n in prov["snapshots"]],
+              "path_length": str(run / prov["path_length"]),
+              "path_efficiency": prov["path_efficiency"]}
+    # The final weights go last: their presence marks the entry (and its run) complete.
     cache.save_weights(path, state, record)
     cache.write_json(cache.sidecar_path(path), record)
     return state, record, path
@@ -85,6 +105,7 @@ def build(name: str, objective: str, finetune: bool, preset_name: str = "default
           epoch: int | None = None, progress: bool = True) -> LoadedModel:
     """The registry entry ``name`` as a LoadedModel (eval mode, no drop path)."""
     from repsim.errors import RecipeError
+    from repsim.finetune.snapshots import snapshot_name
 
     preset = PRESETS[preset_name]
     provenance: dict[str, Any] = {"zoo": "repsim-minizoo", "objective": objective,
@@ -96,7 +117,7 @@ def build(name: str, objective: str, finetune: bool, preset_name: str = "default
         if finetune:
             state, record, path = finetuned(objective, preset_name, seed, progress)
             if epoch is not None:
-                snap = snapshot_dir(path) / f"epoch_{epoch:03d}.safetensors"
+                snap = run_dir(path) / "snapshots" / snapshot_name("epoch", epoch)
                 state = cache.load_weights(snap)
                 if state is None:
                     raise RecipeError(f"model '{name}': no fine-tuning snapshot for epoch {epoch} "
@@ -110,9 +131,9 @@ def build(name: str, objective: str, finetune: bool, preset_name: str = "default
         provenance.update(checkpoint=str(path), loss_final=record.get("loss_final"),
                           train_seconds=record.get("train_seconds"))
         if finetune:
-            provenance.update(epoch=epoch, snapshots=record.get("snapshots"),
-                              path_efficiency={g: v["efficiency"]
-                                               for g, v in record["path"]["groups"].items()})
+            provenance.update(epoch=epoch, snapshots=record["snapshots"],
+                              path_length=record["path_length"],
+                              path_efficiency=record["path_efficiency"])
     return LoadedModel(vit, preprocess(preset), name=name, num_prefix_tokens=1, family="vit",
                        provenance=provenance)
 

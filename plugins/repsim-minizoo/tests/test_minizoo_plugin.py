@@ -97,7 +97,7 @@ class FakeContext:
 
     def model_info(self, model: str) -> dict[str, Any]:
         role = model.removeprefix("m_")
-        prov = {"path_efficiency": {"attn": 0.5 if role == "mae_ft" else 0.3}}
+        prov = {"path_efficiency": {"attention": 0.5 if role == "mae_ft" else 0.3}}
         return {"model": f"minizoo_{role}", "provenance": prov}
 
     def classes(self) -> list[str]:
