@@ -1,0 +1,1 @@
+"""repsim plugin: ViTDet-style Mask R-CNN transfer of ViTs to COCO-format detection."""
