@@ -64,7 +64,7 @@ def launch(recipe: Path, out: Path, size: int, store: Path, killer: str | None =
                             "OMP_NUM_THREADS": "1"}
         path = (recipes or {}).get(rank, recipe)
         if killer is not None and rank == kill_rank:
-            cmd = [sys.executable, "-c", killer, str(path), str(out), "2"]
+            cmd = [sys.executable, killer, str(path), str(out), "2"]
         else:
             cmd = [sys.executable, "-m", "repsim", "run", str(path), "--out", str(out), "--quiet"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
@@ -133,23 +133,7 @@ def test_ranks_write_the_numbers_of_one_process(recipe: Path, tmp_path: Path, si
     assert prov["world_size"] == size
 
 
-KILLER = textwrap.dedent("""\
-    import os, signal, sys
-    from pathlib import Path
-    from repsim.run import core
-
-    saved = {"n": 0}
-    original = core.save_states
-
-    def save_then_die(*args):
-        original(*args)
-        saved["n"] += 1
-        if saved["n"] == int(sys.argv[3]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    core.save_states = save_then_die
-    core.run_recipe(sys.argv[1], Path(sys.argv[2]), progress=False, quiet=True)
-    """)
+KILLER = str(Path(__file__).parent / "kill_after_saves.py")  # run as a script
 
 
 def test_a_rank_killed_mid_run_resumes_to_byte_identical_files(recipe: Path,

@@ -77,23 +77,7 @@ def test_the_forward_batch_is_not_the_estimator_minibatch(write_recipe, tmp_path
     assert float((values(got) - ref).abs().max()) < 1e-6
 
 
-KILLER = textwrap.dedent("""\
-    import os, signal, sys
-    from pathlib import Path
-    from repsim.run import core
-
-    saved = {"n": 0}
-    original = core.save_states
-
-    def save_then_die(*args):
-        original(*args)
-        saved["n"] += 1
-        if saved["n"] == int(sys.argv[3]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    core.save_states = save_then_die
-    core.run_recipe(sys.argv[1], Path(sys.argv[2]), progress=False, quiet=True)
-    """)
+KILLER = str(Path(__file__).parent / "kill_after_saves.py")  # run as a script
 
 
 def digest(run_dir: Path) -> dict[str, str]:
@@ -115,7 +99,7 @@ def test_a_run_killed_between_checkpoints_resumes_to_byte_identical_files(
         """))
     path.write_text(path.read_text().replace("examples = 40", "examples = 40\ntrain_examples = 24"))
     reference = execute(path, tmp_path / "reference")
-    killed = subprocess.run([sys.executable, "-c", KILLER, str(path), str(tmp_path / "resumed"),
+    killed = subprocess.run([sys.executable, KILLER, str(path), str(tmp_path / "resumed"),
                              "2"], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     progress = json.loads((tmp_path / "resumed/cache/eval/rank0/progress.json").read_text())

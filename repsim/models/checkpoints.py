@@ -132,9 +132,10 @@ def _load_failure(path: Path, exc: Exception) -> str:
             f"checkpoint '{path}' was saved with pickle protocol {protocol} "
             f"(torch.save(..., pickle_protocol={protocol})), which torch's safe loader "
             f"(torch.load(weights_only=True)) cannot read; the file itself looks intact. If you "
-            "trust it, save it again once with the default protocol in a separate Python "
-            f"session: torch.save(torch.load('{path}', weights_only=False), 'weights.pth'), or "
-            "as safetensors, and point the recipe at the new file."
+            "trust its source, load it once in a separate Python session with the full "
+            "unpickler and save its state dict again with the default protocol (torch.save) or "
+            "as safetensors, then point the recipe at the new file; repsim itself never "
+            "unpickles it."
         )
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     detail = next((ln for ln in lines if not ln.startswith(_BOILERPLATE)), type(exc).__name__)
