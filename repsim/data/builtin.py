@@ -62,11 +62,14 @@ def split_tensors(name: str, split: str, images: torch.Tensor, labels: torch.Ten
     return splits[split]
 
 
+_SPLIT = "the fixed, stratified train/val split (seeded), or all images"
+
+
 class DigitsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    split: Literal["train", "val", "all"] = "val"
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
+    split: Literal["train", "val", "all"] = Field("val", description=_SPLIT)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of the images in 'val'")
+    seed: int = Field(0, description="seed of the train/val split")
 
 
 def build_digits(params: DigitsParams) -> ImageDataset:
@@ -83,13 +86,13 @@ def build_digits(params: DigitsParams) -> ImageDataset:
 
 class SyntheticParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    split: Literal["train", "val", "all"] = "val"
-    examples: int = Field(256, ge=4)
-    classes: int = Field(4, ge=2)
-    size: int = Field(16, ge=4)
-    channels: Literal[1, 3] = 3
-    noise: float = Field(0.1, ge=0)
-    seed: int = 0
+    split: Literal["train", "val", "all"] = Field("val", description=_SPLIT + " (val: 25 %)")
+    examples: int = Field(256, ge=4, description="images generated over all splits")
+    classes: int = Field(4, ge=2, description="one random pattern per class")
+    size: int = Field(16, ge=4, description="image height and width in pixels")
+    channels: Literal[1, 3] = Field(3, description="colour channels")
+    noise: float = Field(0.1, ge=0, description="std of the Gaussian noise added to the pattern")
+    seed: int = Field(0, description="seed of the patterns, the noise and the split")
 
 
 def build_synthetic(params: SyntheticParams) -> ImageDataset:

@@ -213,7 +213,7 @@ class MinibatchCKA(_KernelCKA):
 
 class LinearCKAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    debiased: bool = False
+    debiased: bool = Field(False, description="unbiased HSIC_1 instead of the biased tr(KHLH)")
 
 
 class LinearCKA(_KernelCKA):
@@ -262,7 +262,7 @@ class LinearCKA(_KernelCKA):
 class RBFCKAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threshold: float = Field(1.0, gt=0, description="σ as a fraction of the median distance")
-    debiased: bool = False
+    debiased: bool = Field(False, description="unbiased HSIC_1 instead of the biased tr(KHLH)")
 
 
 class RBFCKA(LinearCKA):
