@@ -133,34 +133,78 @@ def cli() -> None:
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine (torchrun's launcher, one GPU or a share of the "
               "cores each); several machines: start `torchrun ... -m repsim run` on each.")
+@click.option("--stand-ins", "stand_ins", is_flag=True,
+              help="Rehearse the recipe: every official model replaced by a miniature, ImageNet "
+              "by digits, COCO by coco_shapes, sizes cut to minutes (output: run.output + "
+              "'-standins').")
 @user_errors(on_interrupt="The run directory keeps the state saved every run.checkpoint_every "
              "batches: rerun the same command (repsim run {recipe} with the same options) to "
              "resume from there.")
-def run(recipe: str, out: Path | None, quiet: bool, force: bool, nproc: int,
+def run(recipe: str, out: Path | None, quiet: bool, force: bool, nproc: int, stand_ins: bool,
         **settings: Any) -> None:
     """Run RECIPE (a .toml file, or an embedded recipe name such as 'mini').
 
-    The options replace the recipe's [run] settings of the same names. Ctrl-C stops the run
-    (exit code 130); rerunning the same command resumes it."""
+    The options replace the recipe's [run] settings of the same names. Before any weights load,
+    every file the recipe needs is checked: if any is missing, all of them are listed with
+    where each is published, with an estimate of the compute, and nothing runs (exit code 2).
+    Ctrl-C stops the run (exit code 130); rerunning the same command resumes it."""
     from repsim.plugins import get_host
-    from repsim.recipe import check_recipe, load_recipe
-    from repsim.run import run_recipe
+    from repsim.run.core import Run
+    from repsim.run.distributed import world_from_env
 
     _warn_broken(get_host())
-    check_run_dir(out or load_recipe(recipe).run.output, "--out" if out else "run.output")
+    overrides = settings_given(settings)
+    main = world_from_env().is_main
+    if stand_ins:
+        checked, replaced = _stand_in_recipe(recipe, overrides)
+        if main and not quiet:
+            click.echo("Stand-in rehearsal (nothing below is the papers' models or data):\n" +
+                       "\n".join(f"  {line}" for line in replaced), err=True)
+    else:
+        checked = _preflight_or_exit(recipe, overrides)
+    check_run_dir(out or checked.recipe.run.output, "--out" if out else "run.output")
     if nproc > 1:
         from repsim.run.distributed import launch_local
 
-        check_recipe(recipe, run_overrides=settings_given(settings))  # refused before launching
         sys.exit(launch_local(nproc, _without_option(sys.argv[1:], "--nproc")))
-    overrides = settings_given(settings)
     with progress_messages(not quiet):
-        run_dir = run_recipe(recipe, out, progress=not quiet and sys.stderr.isatty(),
-                             quiet=quiet, overrides=overrides, force=force)
-    from repsim.run.distributed import world_from_env
+        run_dir = Run(checked, out, not quiet and sys.stderr.isatty(), quiet, force).execute()
+    if main:
+        if stand_ins:
+            from repsim.preflight import measure_cpu_throughput
 
-    if world_from_env().is_main:
-        click.echo(f"results in {run_dir}/ (summary.md, report/, tables/, figures/, similarity/)")
+            flops = measure_cpu_throughput(checked.recipe.run.threads)
+            click.echo(f"this CPU: {flops / 1e9:.0f} GFLOP/s on a full-size ViT-B/16 forward "
+                       "(stored; `repsim validate` estimates CPU hours with it)", err=True)
+        click.echo(f"results in {run_dir}/ (report/index.html, summary.md, tables/, figures/, "
+                   "similarity/)")
+
+
+def _stand_in_recipe(recipe: str, overrides: dict[str, Any]) -> tuple[Any, list[str]]:
+    """RECIPE's stand-in rehearsal, checked (it needs no file)."""
+    from repsim.recipe import CheckedRecipe, load_recipe, resolve_recipe_path, with_run_settings
+    from repsim.standins import stand_in
+
+    path = resolve_recipe_path(recipe)
+    rehearsal, replaced = stand_in(load_recipe(path))
+    if overrides:
+        rehearsal = with_run_settings(rehearsal, overrides, path)
+    return CheckedRecipe(rehearsal, path), replaced
+
+
+def _preflight_or_exit(recipe: str, overrides: dict[str, Any]) -> Any:
+    """The checked recipe; when a file is missing, every missing file with the compute
+    estimate, then exit code 2."""
+    from repsim.preflight import preflight
+
+    pf = preflight(recipe, overrides, estimate="if_missing")
+    if pf.missing:
+        click.echo(pf.missing_text(), err=True)
+        click.echo(pf.estimate_text())
+        raise RepsimError(f"{len(pf.missing)} file(s) missing: nothing was loaded or run. Put "
+                          "them in place (or point the locations elsewhere, above) and rerun; "
+                          f"`repsim run {recipe} --stand-ins` rehearses the recipe without them.")
+    return pf.checked
 
 
 def _without_option(args: list[str], option: str) -> list[str]:
@@ -186,19 +230,38 @@ def settings_given(settings: dict[str, Any]) -> dict[str, Any]:
 @user_errors
 def validate(recipe: str) -> None:
     """Check RECIPE without loading any weights: syntax, fields, part names and parameters,
-    files, and the layers of every model whose structure can be built without weights."""
+    the layers of every model whose structure can be built without weights, and every file it
+    needs (all missing ones listed at once, exit code 2); estimate its compute per figure."""
     from repsim.plugins import get_host
-    from repsim.recipe import check_recipe
+    from repsim.preflight import preflight
 
     _warn_broken(get_host())
-    checked = check_recipe(recipe)
+    pf = preflight(recipe)
+    checked = pf.checked
     r = checked.recipe
-    check_run_dir(r.run.output, "run.output")
     for note in checked.notes:
         click.echo(f"Note: {note}", err=True)
+    if pf.missing:
+        click.echo(pf.missing_text(), err=True)
+        click.echo(pf.estimate_text())
+        raise RepsimError(f"{len(pf.missing)} file(s) missing; everything else is valid.")
+    check_run_dir(r.run.output, "run.output")
     click.echo(f"{checked.path}: valid. {len(r.models)} models, {len(r.layers)} layer groups, "
                f"{len(r.metrics)} metrics, {len(r.evaluators)} evaluators, "
                f"{len(r.model_pairs())} model pairs.")
+    click.echo(pf.estimate_text())
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@user_errors
+def report(run_dir: Path) -> None:
+    """(Re)build RUN_DIR's report: report/index.html (one self-contained page, figures embedded)
+    and report/report.md, from the files of a finished (or partly finished) run."""
+    from repsim.pages import build_report
+
+    page = build_report(run_dir)
+    click.echo(f"wrote {page} and {page.parent / 'report.md'}")
 
 
 @cli.command(name="list")

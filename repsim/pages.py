@@ -224,9 +224,13 @@ def build_report(run_dir: Path) -> Path:
     """Write ``report/index.html`` and ``report/report.md`` (with its PNGs) for a run; returns
     the HTML page's path."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError(f"run directory '{run_dir}' " + ("is a file" if run_dir.exists() else
+                          "does not exist") + "; give the directory a `repsim run` wrote (its "
+                          "run.output or --out).")
     if not (run_dir / "resolved.json").exists():
         raise RecipeError(f"'{run_dir}' is not a repsim run directory (no resolved.json); give "
-                          "the directory a `repsim run` wrote.")
+                          "the directory a `repsim run` wrote (its run.output or --out).")
     resolved = store.read_json(run_dir / "resolved.json")
     provenance = store.read_json(run_dir / "provenance.json") \
         if (run_dir / "provenance.json").exists() else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,10 +172,15 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _read_toml(text: str, path: Path) -> dict[str, Any]:
+    """A recipe file's TOML with its ``${NAME}`` locations filled in (:mod:`repsim.paths`);
+    each file on its own, so an unset variable's error names the file that uses it."""
+    from repsim.paths import substitute
+
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _toml_error(path, exc) from None
+    return substitute(raw, path)
 
 
 def _with_includes(raw: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -254,10 +260,37 @@ def resolve_recipe_path(path: str | Path) -> Path:
     )
 
 
-def _missing_paths(value: Any, where: str) -> list[str]:
+@dataclass(frozen=True)
+class MissingFile:
+    """A file or folder a recipe names that does not exist: where, which, and what to do."""
+
+    where: str
+    path: str
+    note: str = ""  # where it is published, or how it is made
+    problem: str = "does not exist"
+
+    def line(self) -> str:
+        if self.path in self.note:  # the part's own message, naming where and what
+            return self.note
+        return f"{self.where}: '{self.path}' {self.problem}" + (f" ({self.note})" if self.note
+                                                               else "")
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a parameter value (nested lists and tables included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _missing_paths(value: Any, where: str) -> list[tuple[str, Path]]:
     """Parameters typed as paths that point nowhere (checked before any weights load)."""
     if isinstance(value, Path):
-        return [] if value.exists() else [f"{where}: '{value}' does not exist"]
+        return [] if value.exists() else [(where, value)]
     if isinstance(value, BaseModel):
         return [m for k in type(value).model_fields
                 for m in _missing_paths(getattr(value, k), f"{where}.{k}")]
@@ -271,18 +304,23 @@ class CheckedRecipe:
 
     Models whose part declares a ``structure`` are built on the meta device (modules, no
     weights) and their layer groups selected on it, so a pattern that matches nothing fails
-    here. ``groups`` holds what was selected, per model; ``notes`` what could not be checked.
+    here. ``groups`` holds what was selected, per model; ``notes`` what could not be checked;
+    ``skeletons`` the meta-device models (for the preflight's FLOP counts).
+
+    With ``missing_ok`` the files that do not exist are listed in ``missing`` instead of raised
+    (the preflight reports them with everything else it finds); every other problem raises.
     """
 
-    def __init__(self, recipe: Recipe, path: Path) -> None:
+    def __init__(self, recipe: Recipe, path: Path, missing_ok: bool = False) -> None:
         from repsim.data.base import split_conflict
         from repsim.plugins import registry
 
         self.recipe, self.path = recipe, path
         self.notes: list[str] = []
         self.groups: dict[str, dict[str, list[str]]] = {}
+        self.skeletons: dict[str, Any] = {}
+        self.missing: list[MissingFile] = []  # files the parameters name that do not exist
         problems: list[str] = []
-        missing: list[str] = []  # files the parameters name that do not exist
 
         def resolve(kind: str, name: str, params: dict[str, Any], where: str) -> Any:
             reg = registry(kind)
@@ -293,11 +331,13 @@ class CheckedRecipe:
             try:
                 validated = part.validate(params, where=where)
             except RecipeError as exc:
-                problems.append(str(exc))
+                if not self._absent_file(params, exc, where):
+                    problems.append(str(exc))
                 return None
             source = part.info.get("source")  # where the authors publish the file
-            missing.extend(f"{m} (published at {source}; see docs/models.md)" if source else m
-                           for m in _missing_paths(validated, where + ".params"))
+            self.missing.extend(
+                MissingFile(w, str(p), f"published at {source}; see docs/models.md" if source
+                            else "") for w, p in _missing_paths(validated, where + ".params"))
             return part, validated
 
         d = recipe.data
@@ -337,14 +377,24 @@ class CheckedRecipe:
                 if m not in recipe.models:
                     problems.append(f"run.pairs: model '{m}' is not in [models] "
                                     f"({', '.join(recipe.models)}).")
-        problems.extend(missing)
         problems.extend(self._check_structures())
         problems.extend(self._check_evaluator_names())
         if not problems:
             problems.extend(self._check_metrics())
+        if problems or not missing_ok:  # every problem at once, absent files included
+            problems.extend(m.line() for m in self.missing)
         if problems:
             raise RecipeError(f"{path}: {len(problems)} problem(s):\n" +
                               "\n".join(f"- {p}" for p in problems))
+
+    def _absent_file(self, params: dict[str, Any], exc: Exception, where: str) -> bool:
+        """Whether ``exc`` is a part refusing a file of ``params`` that does not exist (a
+        fine-tuning run folder): then it is listed in ``missing`` with the part's message."""
+        absent = [v for v in _strings(params) if v in str(exc) and not Path(v).exists()]
+        if absent:
+            text = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
+            self.missing.append(MissingFile(where + ".params", absent[0], text))
+        return bool(absent)
 
     def select_layers(self, label: str, loaded: Any) -> tuple[dict[str, list[str]], dict[str, str]]:
         """Model ``label``'s layer groups selected on ``loaded`` (groups left empty by an
@@ -381,7 +431,9 @@ class CheckedRecipe:
             try:
                 skeleton = part.skeleton(params)
             except RepsimError as exc:
-                problems.append(f"models.{label}: {exc}")
+                if not self._absent_file(self.recipe.models[label].params, exc,
+                                         f"models.{label}"):
+                    problems.append(f"models.{label}: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. a user's network that reads its data
                 self.notes.append(
@@ -389,6 +441,7 @@ class CheckedRecipe:
                     f"on the meta device (no weights) failed ({type(exc).__name__}: {exc}).")
                 continue
             skeleton.name = skeleton.name or label
+            self.skeletons[label] = skeleton
             try:
                 self.groups[label] = self.select_layers(label, skeleton)[0]
             except RepsimError as exc:
@@ -476,11 +529,13 @@ def with_run_settings(recipe: Recipe, overrides: dict[str, Any], path: Path) -> 
     return recipe.model_copy(update={"run": run})
 
 
-def check_recipe(path: str | Path, run_overrides: dict[str, Any] | None = None) -> CheckedRecipe:
+def check_recipe(path: str | Path, run_overrides: dict[str, Any] | None = None,
+                 missing_ok: bool = False) -> CheckedRecipe:
     """Load a recipe (``[run]`` settings replaced by ``run_overrides``) and resolve all its
-    parts; raises RecipeError listing every problem."""
+    parts; raises RecipeError listing every problem (absent files too, unless ``missing_ok``:
+    then they are in the result's ``missing``)."""
     p = resolve_recipe_path(path)
     recipe = load_recipe(p)
     if run_overrides:
         recipe = with_run_settings(recipe, run_overrides, p)
-    return CheckedRecipe(recipe, p)
+    return CheckedRecipe(recipe, p, missing_ok=missing_ok)

@@ -242,12 +242,14 @@ def _invalid(path: Path, exc: ValidationError, section: str = "") -> RecipeError
 def parse_finetune_recipe(text: str, path: Path = Path("<recipe>"),
                           run_overrides: dict[str, Any] | None = None) -> FinetuneRecipe:
     """Validate a fine-tuning recipe; ``run_overrides`` replace [run] settings (the CLI flags)."""
+    from repsim.paths import substitute
     from repsim.recipe import _toml_error  # the same file:line message as comparison recipes
 
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _toml_error(path, exc) from None
+    raw = substitute(raw, path)  # ${REPSIM_IMAGENET} etc., as in comparison recipes
     if run_overrides and isinstance(raw.get("run", {}), dict):
         raw["run"] = {**raw.get("run", {}), **run_overrides}
     try:
