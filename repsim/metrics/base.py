@@ -135,6 +135,10 @@ class StreamingMetric(Metric):
     """
 
     min_batch_size: ClassVar[int] = 2
+    # True when every embedding is a flattened symmetric n×n matrix with a zero diagonal (the
+    # U-centred kernels of the minibatch CKAs): a run then stores only the strict upper triangle
+    # of each (half the bytes) and doubles the inner products, which is exact.
+    u_centred: ClassVar[bool] = False
 
     def minibatch(self, default: int) -> int:
         """The estimator's minibatch in a run: the metric's own ``batch_size`` parameter, else

@@ -195,6 +195,7 @@ class MinibatchCKA(_KernelCKA):
     """Linear CKA from the unbiased HSIC_1 summed over minibatches."""
 
     min_batch_size: ClassVar[int] = 4
+    u_centred: ClassVar[bool] = True
     properties: ClassVar[MetricProperties] = MetricProperties(
         kind="similarity",
         range=(-1.0, 1.0),  # HSIC_1 can be slightly negative for unrelated features
@@ -302,6 +303,7 @@ class MinibatchRBFCKA(_KernelCKA):
     from that batch's median squared distance."""
 
     min_batch_size: ClassVar[int] = 4
+    u_centred: ClassVar[bool] = True
     properties: ClassVar[MetricProperties] = replace(
         MinibatchCKA.properties,
         estimator="unbiased HSIC_1 on Gaussian kernels summed over consecutive minibatches, "

@@ -1,9 +1,10 @@
 """The feature cache: what evaluators and full-batch metrics read after the pass.
 
 One module owns the key format. The writer is a sink that saves one safetensors shard per batch
-(``cache/SPLIT/RANK-BATCH.safetensors``) holding ``MODEL|LAYER|REDUCTION`` features in the cache
-dtype, ``MODEL|output|raw`` model outputs, ``labels``, ``examples`` (dataset indices) and
-``positions`` (places in the split's sampled order); the reader concatenates the shards of every
+(``cache/SPLIT/RANK-BATCH.safetensors``; a model extracted later is added to the shards) holding
+``MODEL|LAYER|REDUCTION`` features in the cache dtype, ``MODEL|output|raw`` model outputs,
+``labels``, ``examples`` (dataset indices) and ``positions`` (places in the split's sampled
+order); the reader concatenates the shards of every
 rank in the order of their positions, so it sees one dataset in global order, as float32.
 """
 
@@ -71,6 +72,8 @@ class CacheWriter(Sink):
                                           POSITIONS: batch.positions}
         on_cuda = False
         for model, layer, reduction in sorted(self.plan.keys):
+            if model not in batch.raw:
+                continue  # a model extracted before: its features are in the shard already
             where = f"model '{model}', layer '{layer}'"
             try:
                 t = reduce_output(batch.raw[model][layer], reduction,
@@ -90,8 +93,13 @@ class CacheWriter(Sink):
                     "cpu", non_blocking=True)
         if on_cuda:
             torch.cuda.synchronize()  # the non-blocking copies above must land before the write
-        store.write_tensors(self.directory / f"{self.rank:03d}-{batch.index:06d}.safetensors",
-                            shard)
+        target = self.directory / f"{self.rank:03d}-{batch.index:06d}.safetensors"
+        if target.exists():  # models added to a run: the others' features stay in the shard
+            kept = {k: v for k, v in store.read_tensors(target).items()
+                    if "|" in k and k.split("|", 1)[0] not in batch.raw
+                    and k.split("|", 1)[0] in self.num_prefix_tokens}
+            shard = kept | shard
+        store.write_tensors(target, shard)
 
     def compute(self) -> FeatureReader:
         return FeatureReader(self.directory.parent)

@@ -1,9 +1,10 @@
 """The run: a checked recipe executed as a list of stages into a run directory.
 
-plan → for each split: batch source → feature pass → sinks (checkpointed) → evaluators that read
-features → similarity results → evaluators that read them → provenance and summary. Data flows
-one way; every file is written atomically; a rerun of the same recipe into the same directory
-resumes from the last saved state.
+plan → for each split: batch source → feature pass of the models not extracted yet → sinks
+(checkpointed per model) → evaluators that read features → similarity results (every pair from
+the models' stored minibatch kernels) → evaluators that read them → provenance and summary. Data
+flows one way; every file is written atomically; a rerun of the same recipe into the same
+directory resumes from the last saved state, and a model added to it is extracted alone.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from repsim.run import results as results_stage
 from repsim.run.evaluate import run_evaluators
 from repsim.run.distributed import World
 from repsim.run.plan import EVAL, RunPlan
-from repsim.run.sinks import load_states, pass_done, save_states
+from repsim.run.sinks import load_states, pass_done, save_states, saved_batches
 
 if TYPE_CHECKING:
-    from repsim.run.sinks import MetricSink, Sink
+    from repsim.run.cache import CacheWriter
+    from repsim.run.kernels import KernelSink
+    from repsim.run.sinks import Sink
 
 # Settings that change where and how fast a run computes, not what it computes: a run may be
 # resumed with other values.
@@ -56,6 +59,7 @@ class Run:
         self.group: Any = None
         self.timing: dict[str, float] = {}  # seconds per stage, for provenance
         self.passes: dict[str, str] = {}  # split -> fingerprint of its pass
+        self.batch_plans: dict[str, tuple[int, int]] = {}  # split -> (examples, unit)
 
     def say(self, msg: str) -> None:
         if not self.quiet and self.world.is_main:
@@ -89,15 +93,12 @@ class Run:
         plan = RunPlan.build(self.checked, settings, self.say)
         self.inputs = stages.input_digests(self.checked)
         self.versions = stages.part_versions(self.checked)
-        streamed = {}
         for split in plan.splits():
             t = time.perf_counter()
-            metric_sinks = self._pass(plan, split)
+            self._pass(plan, split)
             self.timing[f"pass {split}"] = round(time.perf_counter() - t, 3)
-            if world.is_main:
-                streamed |= {key: sink.compute() for key, sink in metric_sinks.items()}
         self._barrier()  # every rank's feature cache is written
-        return self._results(plan, streamed, started) if world.is_main else ""
+        return self._results(plan, self._similarities(plan), started) if world.is_main else ""
 
     def _results(self, plan: RunPlan, streamed: dict[str, Any], started: float) -> str:
         """Evaluators, similarity results, provenance and summary (rank 0 alone)."""
@@ -187,83 +188,124 @@ class Run:
                 self.say(f"evaluator '{old.name}' is no longer in the recipe: its results removed")
                 shutil.rmtree(old)
 
-    def _sinks(self, plan: RunPlan, split: str) -> tuple[dict[str, MetricSink], list[Sink]]:
-        """The sinks of one split's pass: metric accumulators (eval only), the feature-cache
-        writer, the streaming observers."""
+    def _sinks(self, plan: RunPlan, split: str, todo: list[str]
+               ) -> tuple[dict[str, KernelSink], dict[str, list[Sink]], CacheWriter | None]:
+        """The sinks of one split's pass: per streaming metric, one kernel writer for the models
+        to extract (eval only); per model, what its stage saves (its share of the kernel writers,
+        its observers); the feature-cache writer."""
         from repsim.run.cache import CacheWriter
-        from repsim.run.sinks import MetricSink, ObserverSink
+        from repsim.run.kernels import KernelSink, kernel_dir
+        from repsim.run.sinks import ObserverSink
 
-        metrics: dict[str, MetricSink] = {}
-        if split == EVAL:
-            layers = {label: m.layers for label, m in plan.models.items()}
+        split_dir = self.dir / "cache" / split
+        kernels: dict[str, KernelSink] = {}
+        per_model: dict[str, list[Sink]] = {label: [] for label in plan.models}
+        if split == EVAL and todo:
             for key, metric in plan.streaming_metrics().items():
-                metrics[key] = MetricSink(
-                    f"metric_{key}", metric, layers, plan.pairs,  # type: ignore[arg-type]
+                kernels[key] = sink = KernelSink(
+                    f"kernels_{key}", metric,  # type: ignore[arg-type]
+                    {label: plan.models[label].layers for label in todo},
                     metric.minibatch(self.recipe.run.batch_size),  # type: ignore[attr-defined]
-                    keep_batches=self.recipe.run.bootstrap > 0,
-                    device=plan.settings.engine_device)
-        sinks: list[Sink] = list(metrics.values())
-        cache = plan.cache.get(split)
-        if cache:
-            sinks.append(CacheWriter(self.dir / "cache" / split, cache,
-                                     {k: m.loaded.num_prefix_tokens
-                                      for k, m in plan.models.items()},
-                                     plan.settings.cache_torch_dtype, self.world.rank))
+                    {label: kernel_dir(split_dir, key, label) for label in todo},
+                    self.world.rank, plan.settings.engine_device)
+                for label in todo:
+                    per_model[label].append(sink.share(label))
         for key, ev in plan.observers(split).items():
-            sinks.append(ObserverSink(f"observer_{key}", ev, plan.observed.get(key, {})))
-        return metrics, sinks
+            for label, layers in plan.observed.get(key, {}).items():
+                per_model[label].append(ObserverSink(f"observer_{key}", ev, {label: layers}))
+        cache = plan.cache.get(split)
+        writer = CacheWriter(split_dir, cache, {k: m.loaded.num_prefix_tokens
+                                                for k, m in plan.models.items()},
+                             plan.settings.cache_torch_dtype, self.world.rank) if cache else None
+        return kernels, per_model, writer
 
-    def _pass(self, plan: RunPlan, split: str) -> dict[str, MetricSink]:
-        """One pass over this rank's share of a split: models forward once per batch, every sink
-        fed, state saved every ``checkpoint_every`` batches; a finished pass is only loaded.
-        With several ranks, rank 0's sinks end as the merge of all of them."""
+    def _pass(self, plan: RunPlan, split: str) -> None:
+        """One pass over this rank's share of a split, forwarding only the models whose
+        extraction is not saved yet (each model's stage has its own fingerprint and state): every
+        sink fed, state saved every ``checkpoint_every`` batches. With several ranks, rank 0's
+        observers end as the merge of all of them."""
         from tqdm import tqdm
 
         from repsim.layers import OUTPUT
         from repsim.run.device import out_of_memory
         from repsim.run.distributed import batch_unit, rank_positions
         from repsim.run.features import FeaturePass
+        from repsim.run.sinks import ObserverSink, saved_fingerprint
         from repsim.run.source import BatchSource, sample_indices
+        from repsim.run.stages import model_fingerprint, pass_fingerprint
 
-        from repsim.run.stages import pass_fingerprint
-        from repsim.run.sinks import saved_fingerprint
-
-        metrics, sinks = self._sinks(plan, split)
-        state_dir = self.dir / "cache" / split / f"rank{self.world.rank}"
-        fp = self.passes[split] = pass_fingerprint(plan, split, self.inputs, self.versions)
-        saved = saved_fingerprint(state_dir)
-        if saved is not None and saved != fp:
-            self.say(f"{split}: the models, data, layers, metrics or input files of this pass "
-                     "changed since it was saved; computing it again")
-            _remove_pass(self.dir / "cache" / split, self.world.rank)
+        rank, world_size = self.world.rank, self.world.size
+        split_dir = self.dir / "cache" / split
+        pass_dir = split_dir / f"rank{rank}"
+        fps = {label: model_fingerprint(plan, split, label, self.inputs) for label in plan.models}
+        self.passes[split] = fp = pass_fingerprint(fps)
+        _remove_models(split_dir, rank, [p.name for p in (pass_dir / "models").glob("*")
+                                         if p.name not in plan.models])
+        for old in pass_dir.glob("sink_*.safetensors"):  # a run of the single-stage layout
+            old.unlink()
+        states = {label: pass_dir / "models" / label for label in plan.models}
+        for label, state_dir in states.items():
+            saved = saved_fingerprint(state_dir)
+            if saved is not None and saved != fps[label]:
+                self.say(f"{split}: model '{label}' or what its extraction reads (files, layers, "
+                         "data, metrics, batch plan) changed since it was saved; extracting it "
+                         "again")
+                _remove_models(split_dir, rank, [label])
+        todo = [label for label in plan.models if not pass_done(states[label])]
+        starts = {label: saved_batches(states[label]) for label in todo}
+        if len(set(starts.values())) > 1:  # the recipe changed while its pass was interrupted
+            self.say(f"{split}: models {todo} were saved at different batches; extracting them "
+                     "again together")
+            _remove_models(split_dir, rank, todo)
+            starts = dict.fromkeys(todo, 0)
+        if len(todo) == len(plan.models) and not any(starts.values()):
+            for shard in split_dir.glob(f"{rank:03d}-*.safetensors"):  # another batch plan's
+                shard.unlink()
+        kernels, per_model, writer = self._sinks(plan, split, todo)
+        for label in plan.models:
+            load_states(states[label], per_model[label], world_size)
         dataset = plan.split_dataset(split)
         limit = plan.examples(split)
         run = self.recipe.run
         indices = sample_indices(len(dataset), run.seed, limit)
         unit = batch_unit([m.minibatch(run.batch_size)  # type: ignore[attr-defined]
                            for m in plan.streaming_metrics().values()], run.batch_size)
-        start = load_states(state_dir, sinks, self.world.size)
-        if not pass_done(state_dir):
+        self.batch_plans[split] = (len(indices), unit)
+        start = next(iter(starts.values()), 0)
+        b = start
+        if todo:
+            kept = [label for label in plan.models if label not in todo]
+            if kept:
+                self.say(f"{split}: {', '.join(kept)} extracted before, kept; extracting "
+                         f"{', '.join(todo)}")
             if limit is not None and limit > len(dataset):
                 self.say(f"run.examples = {limit} but split '{dataset.split}' of "
                          f"'{dataset.name}' has {len(dataset)}; using all {len(dataset)}")
             positions = rank_positions(len(indices), unit, self.world)
-            transforms = list(dict.fromkeys(m.loaded.preprocess for m in plan.models.values()))
+            models = {label: plan.models[label] for label in todo}
+            transforms = list(dict.fromkeys(m.loaded.preprocess for m in models.values()))
             source = BatchSource(dataset, [indices[p] for p in positions], transforms,
                                  run.batch_size, plan.settings.device, run.num_workers,
                                  run.prefetch, positions)
             extra: dict[str, list[str]] = {}
-            for label in plan.models:
+            for label in todo:
                 if plan.cache.get(split) and plan.cache[split].outputs:
                     extra.setdefault(label, []).append(OUTPUT)
                 for key in plan.observers(split):
                     extra.setdefault(label, []).extend(plan.observed.get(key, {}).get(label, []))
-            forward = FeaturePass(plan.models, transforms, extra, plan.settings)
+            forward = FeaturePass(models, transforms, extra, plan.settings)
+            fed: list[Sink] = [*kernels.values(), *(s for label in todo for s in per_model[label]
+                                                    if isinstance(s, ObserverSink))]
+            fed += [writer] if writer else []
+
+            def save(done: bool) -> None:
+                save_states(pass_dir, [], b, done, world_size, fp,
+                            {states[label]: (per_model[label], fps[label]) for label in todo})
+
             if start:
                 self.say(f"{split}: resuming after {start} saved batches")
             bar = tqdm(total=len(source), initial=start, desc=f"{split} pass", unit="batch",
                        disable=not (self.progress and self.world.is_main), file=sys.stderr)
-            b = start
             with forward.attached():
                 for host in source.batches(start):
                     try:
@@ -272,34 +314,70 @@ class Run:
                     except _oom_errors() as exc:
                         raise out_of_memory(plan.settings, run.batch_size,
                                             f"in the forwards of split '{split}'") from exc
-                    for sink in sinks:
+                    for sink in fed:
                         sink.update(batch)
                     b += 1
                     bar.update(1)
                     if b % run.checkpoint_every == 0:
-                        save_states(state_dir, sinks, b, False, self.world.size, fp)
+                        save(False)
             bar.close()
-            for sink in metrics.values():
+            for sink in kernels.values():
                 sink.close()
-            save_states(state_dir, sinks, b, True, self.world.size, fp)
+            _check_observer_keys(plan, split)
+            save(True)
+        observers = [s for label in plan.models for s in per_model[label]
+                     if isinstance(s, ObserverSink)]
         if self.world.distributed:
             from repsim.run.distributed import gather_to_main, merge_ranks
 
             t = time.perf_counter()
-            states = gather_to_main(sinks, self.group, self.world)
-            if states is not None:
-                merge_ranks(sinks, states, len(indices), unit)
+            gathered = gather_to_main(observers, self.group, self.world)
+            if gathered is not None:
+                merge_ranks(observers, gathered, len(indices), unit)
             self.timing[f"merge {split}"] = round(time.perf_counter() - t, 4)
-        return metrics
+
+    def _similarities(self, plan: RunPlan) -> dict[str, Any]:
+        """Every streaming metric's results for every pair, from the models' stored kernels."""
+        from repsim.run.kernels import pair_results
+
+        t = time.perf_counter()
+        examples, unit = self.batch_plans[EVAL]
+        run = self.recipe.run
+        out = {key: pair_results(
+            metric, key, self.dir / "cache" / EVAL,  # type: ignore[arg-type]
+            {label: m.layers for label, m in plan.models.items()}, plan.pairs,
+            metric.minibatch(run.batch_size),  # type: ignore[attr-defined]
+            examples, unit, self.world.size, run.bootstrap > 0, plan.settings.engine_device)
+            for key, metric in plan.streaming_metrics().items()}
+        self.timing["similarity from kernels"] = round(time.perf_counter() - t, 3)
+        return out
 
 
-def _remove_pass(split_dir: Path, rank: int) -> None:
-    """A rank's saved state and feature-cache shards of one split."""
+def _remove_models(split_dir: Path, rank: int, labels: list[str]) -> None:
+    """This rank's saved extraction state and stored kernels of models of one split (their
+    features in the cache shards are overwritten when they are extracted again)."""
     import shutil
 
-    shutil.rmtree(split_dir / f"rank{rank}", ignore_errors=True)
-    for shard in split_dir.glob(f"{rank:03d}-*.safetensors"):
-        shard.unlink()
+    from repsim.run.kernels import KERNELS
+
+    for label in labels:
+        shutil.rmtree(split_dir / f"rank{rank}" / "models" / label, ignore_errors=True)
+        for d in (split_dir / KERNELS).glob(f"*/{label}"):
+            for shard in d.glob(f"{rank:03d}-*.safetensors"):
+                shard.unlink()
+            if not any(d.iterdir()):  # another rank's files may still be there
+                d.rmdir()
+
+
+def _check_observer_keys(plan: RunPlan, split: str) -> None:
+    """Each model's stage saves the observer state keyed by its label: a streaming evaluator
+    whose state keys do not start with 'MODEL|' cannot be saved per model."""
+    for key, ev in plan.observers(split).items():
+        bad = [k for k in ev.state() if k.split("|", 1)[0] not in plan.models]
+        if bad:
+            raise RuntimeError(f"streaming evaluator '{key}': state keys {bad[:3]} do not start "
+                               "with 'MODEL|' (a model label of the run); each model's stage "
+                               "saves its own share of the state.")
 
 
 @contextmanager

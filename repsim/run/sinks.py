@@ -191,7 +191,7 @@ class MetricSink(Sink):
         self._flush()
         rest = self.pending_examples
         if rest >= self.metric.min_batch_size:
-            self._add(self._terms(self._pending(), rest, last_batch=rest))
+            self._consume(self._pending(), rest, last_batch=rest)
         elif rest:
             self._states["dropped"] += rest
         self._waiting = []
@@ -244,8 +244,7 @@ class MetricSink(Sink):
         if not self._waiting and n >= FLUSH_MINIBATCHES * self.minibatch:
             # A large forward batch (a GPU's): its full minibatches go straight to the engine.
             full = n // self.minibatch * self.minibatch
-            self._add(self._terms({m: [t[:full] for t in ts] for m, ts in incoming.items()},
-                                  full))
+            self._consume({m: [t[:full] for t in ts] for m, ts in incoming.items()}, full)
             if full < n:
                 self._waiting = [{m: [t[full:].clone() for t in ts]
                                   for m, ts in incoming.items()}]
@@ -267,7 +266,12 @@ class MetricSink(Sink):
         feats = self._pending()
         self._waiting = [{m: [t[full:].clone() for t in ts] for m, ts in feats.items()}] \
             if full < n else []
-        self._add(self._terms({m: [t[:full] for t in ts] for m, ts in feats.items()}, full))
+        self._consume({m: [t[:full] for t in ts] for m, ts in feats.items()}, full)
+
+    def _consume(self, feats: Mapping[str, list[torch.Tensor]], n: int,
+                 last_batch: int | None = None) -> None:
+        """Add ``n`` examples cut into minibatches (the last one of ``last_batch``)."""
+        self._add(self._terms(feats, n, last_batch))
 
     def _terms(self, feats: Mapping[str, list[torch.Tensor]], n: int,
                last_batch: int | None = None) -> dict[tuple[str, str], PairTerms]:
@@ -285,19 +289,20 @@ class MetricSink(Sink):
                 part = terms_from_groups([embedded[a]], [embedded[b]], self.keep_batches)
                 part.n_examples = stop - start
                 out[(a, b)] = part if (a, b) not in out else out[(a, b)] + part
-        self._check_finite(out, feats, n)
+        self._check_finite([t for pt in out.values() for t in (pt.self_rows, pt.self_cols)],
+                           feats, n)
         return out
 
-    def _check_finite(self, terms: Mapping[tuple[str, str], PairTerms],
+    def _check_finite(self, sums: Sequence[torch.Tensor],
                       feats: Mapping[str, list[torch.Tensor]], n: int) -> None:
-        """NaN/Inf features reach every sum of their layer: one check of the small sums instead
-        of one per layer and batch (each a device sync), then the layer is found and named."""
+        """NaN/Inf features reach every sum of their layer: one check of the small ``sums``
+        instead of one per layer and batch (each a device sync), then the layer is found and
+        named."""
         import torch
 
         from repsim.metrics.engine import check_features
 
-        sums = [t for pt in terms.values() for t in (pt.self_rows, pt.self_cols)]
-        if bool(torch.isfinite(torch.cat(sums)).all()):
+        if bool(torch.isfinite(torch.cat([s.flatten() for s in sums])).all()):
             return
         for model, ts in feats.items():
             for layer, t in zip(self.layers[model], ts):
@@ -361,28 +366,31 @@ class MetricSink(Sink):
 
     def compute(self) -> dict[tuple[str, str], SimilarityResult]:
         """The result of every pair (float64 on the host)."""
-        from repsim.metrics.engine import undefined_notes
-        from repsim.metrics.results import SimilarityResult
-
         terms, batches, examples, dropped = self._final_terms()
         if not batches:
             raise FeatureError(
                 f"no minibatch reached metric '{self.metric.name}': the data gave "
                 f"{self.pending_examples} examples, fewer than the "
                 f"{self.metric.min_batch_size} its estimator needs.")
-        out = {}
-        for (a, b), t in terms.items():
-            t = _to_host(t)
-            values = self.metric.finalize(t)
-            desc = self.metric.describe() | {"batch_size": self.minibatch, "batches": batches,
-                                             "examples": examples}
-            notes = [f"{dropped} examples of a last short minibatch were left out: the "
-                     f"estimator needs at least {self.metric.min_batch_size} per minibatch."
-                     ] if dropped else []
-            notes += undefined_notes(values, self.layers[a], self.layers[b], t)
-            out[(a, b)] = SimilarityResult(values, self.layers[a], self.layers[b],
-                                           self.metric.name, desc, notes, t)
-        return out
+        return {(a, b): pair_result(self.metric, self.minibatch, self.layers[a], self.layers[b],
+                                    _to_host(t), dropped)
+                for (a, b), t in terms.items()}
+
+
+def pair_result(metric: StreamingMetric, minibatch: int, rows: Sequence[str],
+                cols: Sequence[str], terms: PairTerms, dropped: int) -> SimilarityResult:
+    """The result of one model pair from its summed terms (on the host), with notes on a left-out
+    short last minibatch and on undefined values."""
+    from repsim.metrics.engine import undefined_notes
+    from repsim.metrics.results import SimilarityResult
+
+    values = metric.finalize(terms)
+    desc = metric.describe() | {"batch_size": minibatch, "batches": terms.n_batches,
+                                "examples": terms.n_examples}
+    notes = [f"{dropped} examples of a last short minibatch were left out: the estimator needs "
+             f"at least {metric.min_batch_size} per minibatch."] if dropped else []
+    notes += undefined_notes(values, rows, cols, terms)
+    return SimilarityResult(values, list(rows), list(cols), metric.name, desc, notes, terms)
 
 
 def _to_host(t: PairTerms) -> PairTerms:
@@ -411,11 +419,18 @@ class ObserverSink(Sink):
                 self.evaluator.observe(batch.split, model, layer, batch.raw[model][layer],
                                        batch.labels, batch.info[model])
 
+    def _own(self, key: str) -> bool:
+        # An evaluator's state keys start with 'MODEL|' (each model's stage saves its own share
+        # and is reused alone); a sink of every model of the evaluator owns all of them.
+        return key.split("|", 1)[0] in self.layers
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.evaluator.state()
+        return {k: v for k, v in self.evaluator.state().items() if self._own(k)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.evaluator.load_state(dict(state))
+        """Replace this sink's models' share of the evaluator's state; other models' is kept."""
+        others = {k: v for k, v in self.evaluator.state().items() if not self._own(k)}
+        self.evaluator.load_state(others | dict(state))
 
     def merge_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Observer state is additive: the sums of both shards (a layer one shard never saw
@@ -433,9 +448,14 @@ class ObserverSink(Sink):
 
 
 def save_states(state_dir: Path, sinks: Sequence[Sink], batches: int, done: bool,
-                world_size: int = 1, fingerprint: str | None = None) -> None:
+                world_size: int = 1, fingerprint: str | None = None,
+                stages: Mapping[Path, tuple[Sequence[Sink], str]] | None = None) -> None:
     """Save every sink's state, then the progress record last (a resume trusts only what the
-    progress record says was saved, for the pass of that ``fingerprint``)."""
+    progress record says was saved, for the pass of that ``fingerprint``). ``stages``: other
+    state folders saved first the same way, each with its sinks and fingerprint (one
+    checkpoint of a pass whose models are stages of their own)."""
+    for folder, (own, fp) in (stages or {}).items():
+        save_states(folder, own, batches, done, world_size, fp)
     for sink in sinks:
         state = sink.state_dict()
         if state:
@@ -468,6 +488,12 @@ def load_states(state_dir: Path, sinks: Sequence[Sink], world_size: int = 1) -> 
         if path.exists():
             sink.load_state_dict(store.read_tensors(path))
     return int(progress["batches"])
+
+
+def saved_batches(state_dir: Path) -> int:
+    """The batches a saved state has seen (0 if none is saved)."""
+    progress_file = state_dir / "progress.json"
+    return int(store.read_json(progress_file)["batches"]) if progress_file.exists() else 0
 
 
 def pass_done(state_dir: Path) -> bool:

@@ -2,10 +2,12 @@
 
 - The run directory's identity is the data and the seed: a directory holding another study's
   results (other data, another seed) is never written into.
-- A pass over a split depends on everything the pass computes from: the recipe without what only
-  later stages read (evaluator parameters, full-batch metrics, bootstrap size, ...), the cache
-  plan, the content of every input file (checkpoints, dataset folders) and the versions of the
-  parts' plugins. A saved pass whose fingerprint differs is recomputed, never resumed.
+- A pass over a split is one extraction per model, each fingerprinted on what it computes from:
+  the run settings of the batch plan, the data, the model's entry and layers, the streaming
+  metrics and observers, the cache plan, the content of its input files (checkpoints, dataset
+  folders) and the versions of the parts' plugins; not the other models. A saved extraction
+  whose fingerprint differs is recomputed, never resumed; adding a model extracts that model
+  alone (``repsim.run.kernels``).
 - An evaluator depends on its entry in the recipe, on the passes it reads, and on the similarity
   results if it reads them.
 
@@ -106,14 +108,16 @@ def input_digests(checked: CheckedRecipe) -> dict[str, dict[str, str]]:
     return found
 
 
-def part_versions(checked: CheckedRecipe) -> dict[str, str]:
-    """The plugin (and version) providing each part the recipe names."""
+def part_versions(checked: CheckedRecipe, model: str | None = None) -> dict[str, str]:
+    """The plugin (and version) providing each part the recipe names (with ``model``: the
+    parts that model's extraction uses)."""
     from repsim.plugins import get_host
 
     versions = {info.name: info.version for info in get_host().plugins.values()}
-    parts = [checked.dataset, *checked.models.values(), *checked.metrics.values(),
-             *checked.evaluators.values(), *(p for sel in checked.selectors.values()
-                                             for p in sel.values())]
+    labels = list(checked.models) if model is None else [model]
+    parts = [checked.dataset, *(checked.models[m] for m in labels), *checked.metrics.values(),
+             *checked.evaluators.values(), *(p for m in labels
+                                             for p in checked.selectors[m].values())]
     return {part.provider: versions.get(part.provider, "?") for part, _ in parts}
 
 
@@ -123,21 +127,34 @@ def directory_identity(checked: CheckedRecipe) -> str:
     return _hash({"data": r.data.model_dump(mode="json"), "seed": r.run.seed})
 
 
-def pass_fingerprint(plan: RunPlan, split: str, inputs: dict[str, Any],
-                     versions: dict[str, str]) -> str:
+def model_fingerprint(plan: RunPlan, split: str, label: str, inputs: dict[str, Any]) -> str:
+    """What one model's extraction over a split computes from: the run settings of the batch
+    plan, the data, the model's entry and resolved layers, the streaming metrics and observers,
+    what the cache keeps of it, the content of its and the data's files, the parts' versions.
+    Not the other models, nor the pairs compared: adding a model leaves the others' stages."""
     recipe = plan.recipe.model_dump(mode="json")
-    run = {k: v for k, v in recipe["run"].items() if k not in _NOT_IN_PASS}
-    run["bootstrap"] = bool(run["bootstrap"])  # per-batch terms kept or not; not how many
-    streaming = [m for m, metric in zip(recipe["metrics"], plan.metrics.values())
+    run = {k: v for k, v in recipe["run"].items()
+           if k not in (*_NOT_IN_PASS, "pairs", "bootstrap")}
+    m = plan.models[label]
+    streaming = [e for e, metric in zip(recipe["metrics"], plan.metrics.values())
                  if metric.properties.streaming]
     cache = plan.cache.get(split)
-    observers = {key: recipe["evaluators"][list(plan.evaluators).index(key)]
+    observers = {key: [recipe["evaluators"][list(plan.evaluators).index(key)],
+                       plan.observed.get(key, {}).get(label, [])]
                  for key in plan.observers(split)}
-    return _hash({"split": split, "run": run, "data": recipe["data"], "models": recipe["models"],
-                  "layers": recipe["layers"], "metrics": streaming if split == "eval" else [],
-                  "observers": observers, "cache": sorted(cache.keys) if cache else [],
-                  "outputs": bool(cache and cache.outputs), "inputs": inputs,
-                  "versions": versions})
+    own = {k: v for k, v in inputs.items() if k.startswith(("data.", f"models.{label}."))}
+    return _hash({"split": split, "run": run, "data": recipe["data"],
+                  "model": recipe["models"][label],
+                  "layers": [m.groups, m.reduce, m.layer_reduce],
+                  "metrics": streaming if split == "eval" else [], "observers": observers,
+                  "cache": sorted(k for k in cache.keys if k[0] == label) if cache else [],
+                  "outputs": bool(cache and cache.outputs), "inputs": own,
+                  "versions": part_versions(plan.checked, label)})
+
+
+def pass_fingerprint(models: dict[str, str]) -> str:
+    """A split's pass: the fingerprints of its models' extractions."""
+    return _hash(models)
 
 
 def evaluator_fingerprint(plan: RunPlan, key: str, evaluator: Evaluator,
