@@ -157,12 +157,13 @@ def _similarity_block(run_dir: Path, section: Section, models: dict[str, Any],
         return None, "no model pair of this kind is in the recipe"
     block = Block()
     for group in section.groups:
-        panels = []
+        panels, sources = [], []  # a pair whose models lack the group has no panel
         for r in chosen:
             ga, gb = r["groups_a"].get(group), r["groups_b"].get(group)
             if not ga or not gb:
                 continue
             ri, ci = [r["rows"].index(x) for x in ga], [r["cols"].index(x) for x in gb]
+            sources.append(r)
             panels.append(r | {"rows": ga, "cols": gb,
                                "values": [[r["values"][i][j] for j in ci] for i in ri]})
         if not panels:
@@ -183,7 +184,7 @@ def _similarity_block(run_dir: Path, section: Section, models: dict[str, Any],
                                  [[p["model_a"], p["model_b"], _num(p["values"][-1][-1]),
                                    f"[{_num(_last(r, 'ci_low', group))}, "
                                    f"{_num(_last(r, 'ci_high', group))}]"]
-                                  for p, r in zip(panels, chosen)]))
+                                  for p, r in zip(panels, sources)]))
     if not block.figures:
         return None, f"the run has no layer group {', '.join(section.groups)} for these pairs"
     return block, ""
@@ -246,7 +247,7 @@ def build_report(run_dir: Path) -> Path:
     out = run_dir / "report"
     title = f"repsim report — {run.get('name', run_dir.name)}"
     store.write_text(out / "index.html", _html(title, parts, provenance, resolved))
-    md = [f"# {title}", ""]
+    md = [f"# {title}", "", _models_line(resolved), ""]
     for section, block, why in parts:
         md += [f"## {section.title}", "", section.caption, ""]
         if block is None:
@@ -264,6 +265,16 @@ def build_report(run_dir: Path) -> Path:
            "```", ""]
     store.write_text(out / "report.md", "\n".join(md))
     return out / "index.html"
+
+
+def _models_line(resolved: dict[str, Any]) -> str:
+    """Each model label with the registry entry it is (a stand-in rehearsal shows here)."""
+    def entry(m: dict[str, Any]) -> str:
+        arch = (m.get("params") or {}).get("arch")
+        return f"{m.get('model')}" + (f" ({arch})" if arch else "")
+
+    return "Models: " + ", ".join(f"{label} = {entry(m)}"
+                                  for label, m in resolved["models"].items()) + "."
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -298,6 +309,7 @@ def _html(title: str, parts: Sequence[tuple[Section, Block | None, str]],
     body = [f"<h1>{e(title)}</h1>",
             f"<p>{len(resolved['models'])} models on {e(str(resolved['data'].get('dataset')))} "
             f"({e(str(resolved['data'].get('split')))}), seed {resolved['run'].get('seed')}.</p>",
+            f"<p>{e(_models_line(resolved))}</p>",
             "<nav>" + "".join(f'<a href="#{s.key}">{e(s.title.split(" — ")[0])}</a>'
                               for s, _, _ in parts) + "</nav>"]
     for section, block, why in parts:

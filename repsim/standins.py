@@ -35,6 +35,11 @@ DETECTOR = {"preset": "smoke", "steps": 2, "batch_size": 2, "micro_batch_size": 
 SHAPES = {"train_images": 4, "val_images": 2, "size": 64}
 
 _OBJECTIVES = ("mocov3", "dino", "msn", "mae")
+# The miniatures see 1-channel digits and a detector needs RGB COCO images, so the detection
+# evaluators get an untrained RGB tiny ViT of their own; nothing else looks at it.
+DETECTOR_VIT = "vitdet_standin"
+_RGB_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2,
+                   "num_classes": 0}
 _CNN_32PX = {"resize": 32, "crop": 32}
 
 
@@ -129,6 +134,31 @@ def stand_in_evaluator(e: dict[str, Any], depth: int, classes: int) -> dict[str,
     return e
 
 
+def _add_detector_vit(raw: dict[str, Any], depth: int) -> None:
+    """Add :data:`DETECTOR_VIT` (as deep as the miniatures, so block indices mean the same) for
+    the vitdet evaluators alone: the model pairs and every other evaluator that takes a
+    ``models`` or ``pairs`` list keep to the recipe's own models."""
+    from repsim.plugins import registry
+
+    own = list(raw["models"])
+    if raw["run"].get("pairs", "all") in ("all", "cross"):
+        same = raw["run"].get("pairs", "all") == "all"
+        raw["run"]["pairs"] = [[a, b] for i, a in enumerate(own) for b in own[i if same else i + 1:]]
+    raw["models"][DETECTOR_VIT] = {"model": "timm", "params": {
+        "arch": "vit_tiny_patch16_224", "seed": 0, "kwargs": {**_RGB_VIT_KWARGS, "depth": depth},
+        "preprocess": {"resize": 32, "crop": 32}}}
+    evaluators = registry("evaluator")
+    for e in raw["evaluators"]:
+        p = e.setdefault("params", {})
+        fields = evaluators.get(e["name"]).params.model_fields if e["name"] in evaluators else {}
+        if e["name"] == "vitdet":
+            p["models"] = [DETECTOR_VIT]
+        elif "models" in fields and p.get("models") is None:
+            p["models"] = own
+        elif "pairs" in fields and p.get("pairs") is None:
+            p["pairs"] = [[a, b] for i, a in enumerate(own) for b in own[i + 1:]]
+
+
 def _cut_probe(p: dict[str, Any]) -> dict[str, Any]:
     for key in ("base_lrs", "weight_decays", "seeds"):
         if key in p:
@@ -152,6 +182,10 @@ def stand_in(recipe: Recipe) -> tuple[Recipe, list[str]]:
     raw["data"].update(dataset=dataset, params=params)
     classes = 10 if dataset == "digits" else 1000
     raw["evaluators"] = [stand_in_evaluator(e, depth, classes) for e in raw["evaluators"]]
+    if any(e["name"] == "vitdet" for e in raw["evaluators"]):
+        _add_detector_vit(raw, depth)
+        lines.append(f"models.{DETECTOR_VIT}: added, an untrained RGB tiny ViT for the vitdet "
+                     "evaluators only (the miniatures take 1-channel digits)")
     run = raw["run"]
     run["examples"] = min(run.get("examples") or EXAMPLES, EXAMPLES)
     run["train_examples"] = min(run.get("train_examples") or TRAIN_EXAMPLES, TRAIN_EXAMPLES)
