@@ -77,6 +77,19 @@ def load_weights(path: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
+def is_complete(path: Path) -> bool:
+    """Whether an entry's weights file is there and readable (its header), without loading it."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return bool(list(fh.keys()))
+    except Exception:  # noqa: BLE001 - as load_weights: a damaged file is a miss
+        return False
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """The sidecar if present, else the metadata stored inside the weights file."""
     side = sidecar_path(path)

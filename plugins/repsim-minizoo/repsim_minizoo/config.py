@@ -16,7 +16,7 @@ from typing import Any
 
 from repsim.finetune.config import Settings, preset
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 
 PRETRAINED = ("mocov3", "dino", "mae", "msn", "supervised")
 FINETUNABLE = ("mocov3", "dino", "mae", "msn")
@@ -116,6 +116,11 @@ TINY = Preset(
 )
 
 PRESETS = {"default": DEFAULT, "tiny": TINY}
+
+# Seconds of one training step at one thread on the reference 2-core machine (README, "Budget");
+# "ft" is a fine-tuning step. Used to deal the zoo to processes and for the first estimate only.
+STEP_SECONDS = {"mocov3": 0.15, "dino": 0.20, "msn": 0.095, "mae": 0.03, "supervised": 0.045,
+                "ft": 0.08}
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -67,6 +67,50 @@ def register_models(register: Register) -> None:
                  preprocess="8x8 digits resized to 16, 1 channel, digits mean/std")
 
 
+def _train_entries(todo: list[tuple[str, bool]], preset: str, seed: int, progress: bool = True
+                   ) -> list[tuple[dict[str, Any], dict[str, Any], Any]]:
+    """Train (or load) the entries in order; their (weights, record, path)."""
+    from repsim_minizoo import zoo
+
+    return [(zoo.finetuned if ft else zoo.pretrained)(objective, preset, seed, progress)
+            for objective, ft in todo]
+
+
+def _train_side_by_side(wanted: list[tuple[str, bool]], preset: str, seed: int,
+                        nproc: int | None) -> None:
+    """The uncached entries of ``wanted`` dealt to ``nproc`` processes launched by torchrun's
+    launcher (nothing when one process would do: the caller then trains them in order)."""
+    import os
+
+    import click
+
+    from repsim.run.distributed import launch_local
+    from repsim_minizoo import zoo
+
+    chains = zoo.training_chains(wanted, preset, seed)
+    n = min(nproc or os.cpu_count() or 1, len(chains))
+    if n < 2:
+        return
+    dealt = zoo.deal(chains, n, preset)
+    longest = max(sum(zoo.training_cost(*e, preset) for e in part) for part in dealt)
+    click.echo(f"training {sum(map(len, dealt))} zoo models in {n} processes, one thread each "
+               f"(about {longest / 60:.0f} min on a 2-core reference machine)", err=True)
+    code = launch_local(n, ["minizoo", "train", "--preset", preset, "--seed", str(seed),
+                            "--deal", _format_deal(dealt)])
+    if code:
+        raise SystemExit(code)
+
+
+def _format_deal(dealt: list[list[tuple[str, bool]]]) -> str:
+    """``mocov3,mocov3+ft;dino,...``: each process's entries, processes by ';'."""
+    return ";".join(",".join(o + ("+ft" if ft else "") for o, ft in part) for part in dealt)
+
+
+def _parse_deal(text: str) -> list[list[tuple[str, bool]]]:
+    return [[(e.removesuffix("+ft"), e.endswith("+ft")) for e in part.split(",") if e]
+            for part in text.split(";")]
+
+
 def _build_observations(params: ObservationsParams) -> Any:
     from repsim_minizoo.evaluator import PaperObservations
 
@@ -91,17 +135,38 @@ def register_commands(cli: Any) -> None:
     @click.option("--preset", type=click.Choice(["default", "tiny"]), default="default")
     @click.option("--seed", type=int, default=0)
     @click.option("--only", multiple=True, help="registry names (default: every zoo model)")
-    def train(preset: str, seed: int, only: tuple[str, ...]) -> None:
-        """Train (or find cached) every zoo model; print times and final losses."""
-        from repsim_minizoo import zoo
+    @click.option("--nproc", type=click.IntRange(min=1), default=None,
+                  help="models trained side by side, one process and one thread each "
+                       "(default: the machine's cores, at most one per objective)")
+    @click.option("--deal", hidden=True, help="set by --nproc: each process's entries")
+    def train(preset: str, seed: int, only: tuple[str, ...], nproc: int | None,
+              deal: str | None) -> None:
+        """Train (or find cached) every zoo model; print times and final losses.
 
-        for name, (objective, finetuned) in entries().items():
-            if objective == CONTROL or (only and name not in only):
-                continue
-            fn = zoo.finetuned if finetuned else zoo.pretrained
-            _, record, path = fn(objective, preset, seed)
-            click.echo(f"{name:22s} {record['train_seconds']:7.1f} s  final loss "
-                       f"{record['loss_final']:.4f}  {path}")
+        Several processes start through torchrun's launcher; each trains whole models (an
+        objective's pretraining, then its fine-tuning) with one thread, so the weights are the
+        same whatever the number of processes."""
+        from repsim.cli import progress_messages
+        from repsim.run.distributed import world_from_env
+
+        unknown = sorted(set(only) - set(entries()))
+        if unknown:
+            raise click.UsageError(f"--only {', '.join(unknown)}: not zoo models; zoo models: "
+                                   f"{', '.join(entries())}")
+        world = world_from_env()
+        if deal is not None:  # one of the launched processes
+            with progress_messages():
+                _train_entries(_parse_deal(deal)[world.rank], preset, seed, progress=False)
+            return
+        wanted = [entries()[n] for n in (only or entries())]
+        with progress_messages():
+            _train_side_by_side(wanted, preset, seed, nproc)
+            for name, (objective, finetuned) in entries().items():
+                if objective == CONTROL or (objective, finetuned) not in wanted:
+                    continue
+                _, record, path = _train_entries([(objective, finetuned)], preset, seed)[0]
+                click.echo(f"{name:22s} {record['train_seconds']:7.1f} s  final loss "
+                           f"{record['loss_final']:.4f}  {path}")
 
     @minizoo.command("cache")
     def cache_cmd() -> None:

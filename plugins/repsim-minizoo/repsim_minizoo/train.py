@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,20 +18,23 @@ from repsim_minizoo.data import Batches, digits
 from repsim_minizoo.vit import build_vit
 
 _NO_DECAY = ("pos_embed", "cls_token", "mask_token")
+_ESTIMATE_AFTER = 5  # steps timed before the time left is estimated
+log = logging.getLogger("repsim.minizoo")
 
 
-def threads() -> int:
-    """Training threads: ``$REPSIM_THREADS``, else the machine's cores (at most 8).
-
-    Fixed per machine, so a seed reproduces the same weights there (float sums depend on it)."""
-    return int(os.environ.get("REPSIM_THREADS") or min(os.cpu_count() or 1, 8))
+# One thread, whatever the machine or $REPSIM_THREADS: float sums depend on the thread count, so
+# a fixed count gives the same weights on every machine of one CPU family; and these tiny
+# models' kernels are too small to share — on 2 cores a second thread made each step 2–2.5×
+# slower (thread pools spinning against each other), on an idle machine no faster than running
+# two models side by side (`repsim minizoo train --nproc`, README "Budget").
+TRAINING_THREADS = 1
 
 
 @contextmanager
 def deterministic() -> Iterator[None]:
-    """Fixed thread count and deterministic kernels for the duration of a training run."""
+    """One thread and deterministic kernels for the duration of a training run."""
     old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads())
+    torch.set_num_threads(TRAINING_THREADS)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
@@ -83,15 +86,23 @@ def pretrain(objective: str, preset: Preset, seed: int,
         torch.manual_seed(seed + 1)  # heads, decoders: after the backbone, same for every seed
         obj = module.OBJECTIVE(vit, cfg)
         obj.train()
+        # fused: one kernel per parameter group instead of a dozen per tensor (~5 % of a step)
         opt = torch.optim.AdamW(param_groups(obj, sched.weight_decay), lr=sched.lr,
-                                betas=sched.betas)
+                                betas=sched.betas, fused=True)
         g = torch.Generator().manual_seed(seed + 2)  # batches, views, masks
         batches = Batches(len(labels), sched.batch_size, g)
         warmup = int(sched.warmup_frac * sched.steps)
         losses: list[float] = []
         bar = tqdm(range(sched.steps), desc=f"minizoo {objective}", disable=not progress,
                    leave=False, mininterval=0.5)
+        log.info("training minizoo_%s: %d steps of %d images", objective, sched.steps,
+                 sched.batch_size)
+        loop_start = time.perf_counter()
         for step in bar:
+            if step == _ESTIMATE_AFTER:
+                per_step = (time.perf_counter() - loop_start) / step
+                log.info("minizoo_%s: about %.0f s (%.0f ms a step)", objective,
+                         per_step * (sched.steps - step), 1000 * per_step)
             lr = lr_at(step, sched.steps, warmup, sched.lr, sched.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -111,7 +122,10 @@ def pretrain(objective: str, preset: Preset, seed: int,
         bar.close()
     record = {"objective": objective, "seed": seed, "steps": sched.steps,
               "train_seconds": round(time.perf_counter() - start, 2),
-              "cpu_seconds": round(time.process_time() - cpu_start, 2), "threads": threads(),
-              "schedule": to_jsonable(sched), "objective_config": to_jsonable(cfg),
-              "arch": to_jsonable(preset.arch), **summarise_losses(losses)}
+              "cpu_seconds": round(time.process_time() - cpu_start, 2),
+              "threads": TRAINING_THREADS, "schedule": to_jsonable(sched),
+              "objective_config": to_jsonable(cfg), "arch": to_jsonable(preset.arch),
+              **summarise_losses(losses)}
+    log.info("minizoo_%s trained in %.0f s (loss %.3f → %.3f)", objective,
+             record["train_seconds"], record["loss_first"], record["loss_final"])
     return vit.state_dict(), record

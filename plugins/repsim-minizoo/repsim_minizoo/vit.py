@@ -83,8 +83,8 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """``target ← m·target + (1 − m)·online`` for every parameter (BatchNorm statistics of the
     target come from its own forward passes in train mode, as in MoCo-v3 and DINO)."""
-    for t, o in zip(target.parameters(), online.parameters()):
-        t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+    # one foreach kernel over every tensor rather than two small ops per tensor
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - momentum)
 
 
 def cosine_ramp(start: float, end: float, progress: float) -> float:

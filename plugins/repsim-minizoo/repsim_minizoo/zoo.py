@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,21 @@ import torch
 
 from repsim.models import LoadedModel, Preprocess
 from repsim_minizoo import cache, objectives
-from repsim_minizoo.config import CONTROL, PRESETS, Preset, config_key, to_jsonable
+from repsim_minizoo.config import (
+    CONTROL,
+    PRESETS,
+    STEP_SECONDS,
+    Preset,
+    config_key,
+    to_jsonable,
+)
 from repsim_minizoo.data import MEAN, STD
 from repsim_minizoo.vit import build_vit
 
 # The data every entry trains on; part of every cache key.
 DATA = {"dataset": "digits", "split": "train", "val_fraction": 0.2, "split_seed": 0}
+DATA_SIZE = 1797  # scikit-learn's digits
+log = logging.getLogger("repsim.minizoo")
 
 
 def preprocess(preset: Preset) -> Preprocess:
@@ -66,7 +76,7 @@ def finetuned(objective: str, preset_name: str = "default", seed: int = 0,
 
     from repsim.finetune.runner import finetune
     from repsim.plugins import build_part
-    from repsim_minizoo.train import deterministic, threads
+    from repsim_minizoo.train import TRAINING_THREADS, deterministic
 
     preset = PRESETS[preset_name]
     path = cache.entry_path(f"{objective}_ft", finetuned_key(objective, preset, seed))
@@ -74,6 +84,8 @@ def finetuned(objective: str, preset_name: str = "default", seed: int = 0,
     if state is not None:
         return state, cache.read_meta(path), path
     _, _, pre_path = pretrained(objective, preset_name, seed, progress)
+    log.info("fine-tuning minizoo_%s_ft: %d epochs of the digits train split", objective,
+             preset.finetune.epochs)
     start, cpu_start = time.perf_counter(), time.process_time()
     with deterministic():
         backbone = build(f"minizoo_{objective}", objective, False, preset_name, seed,
@@ -89,7 +101,7 @@ def finetuned(objective: str, preset_name: str = "default", seed: int = 0,
     record = {"objective": objective, "preset": preset_name, "seed": seed,
               "epochs": prov["epochs"], "steps": prov["steps"], "pretrained": str(pre_path),
               "train_seconds": round(time.perf_counter() - start, 2),
-              "cpu_seconds": round(time.process_time() - cpu_start, 2), "threads": threads(),
+              "cpu_seconds": round(time.process_time() - cpu_start, 2), "threads": TRAINING_THREADS,
               "schedule": to_jsonable(preset.finetune), "loss_first": prov["loss"][0],
               "loss_final": prov["loss"][-1], "loss_curve": prov["loss"],
               "run": str(run), "snapshots": [str(run / "snapshots" / n) for n in prov["snapshots"]],
@@ -98,7 +110,62 @@ def finetuned(objective: str, preset_name: str = "default", seed: int = 0,
     # The final weights go last: their presence marks the entry (and its run) complete.
     cache.save_weights(path, state, record)
     cache.write_json(cache.sidecar_path(path), record)
+    log.info("minizoo_%s_ft fine-tuned in %.0f s (loss %.3f → %.3f)", objective,
+             record["train_seconds"], record["loss_first"], record["loss_final"])
     return state, record, path
+
+
+def entry_file(objective: str, finetune: bool, preset_name: str = "default", seed: int = 0
+               ) -> Path:
+    """Where the weights of an entry are (or will be) cached."""
+    preset = PRESETS[preset_name]
+    if finetune:
+        return cache.entry_path(f"{objective}_ft", finetuned_key(objective, preset, seed))
+    return cache.entry_path(objective, pretrained_key(objective, preset, seed))
+
+
+def training_chains(wanted: list[tuple[str, bool]], preset_name: str = "default", seed: int = 0
+                    ) -> list[list[tuple[str, bool]]]:
+    """The uncached entries among ``wanted`` (objective, fine-tuned) as chains that must run in
+    order — one per objective: its pretraining (if missing) before its fine-tuning — ordered
+    from the longest to the shortest by :func:`training_cost`."""
+    chains: dict[str, list[tuple[str, bool]]] = {}
+    for objective, finetune in wanted:
+        if objective == CONTROL:
+            continue
+        needs = [(objective, False), (objective, True)] if finetune else [(objective, False)]
+        for entry in needs:
+            if not cache.is_complete(entry_file(*entry, preset_name, seed)):
+                chain = chains.setdefault(objective, [])
+                if entry not in chain:
+                    chain.append(entry)
+    for chain in chains.values():
+        chain.sort(key=lambda e: e[1])  # pretraining first
+    return sorted(chains.values(), key=lambda c: -sum(training_cost(*e, preset_name) for e in c))
+
+
+def training_cost(objective: str, finetune: bool, preset_name: str = "default") -> float:
+    """Expected seconds of training an entry at one thread on the reference machine (README,
+    "Budget"): steps × the step time measured there. For dealing entries to processes and the
+    first estimate; the training itself times its own steps."""
+    preset = PRESETS[preset_name]
+    if finetune:
+        n = int(DATA_SIZE * (1 - DATA["val_fraction"]))
+        return preset.finetune.epochs * (n // preset.finetune.batch_size) * STEP_SECONDS["ft"]
+    return preset.schedules[objective].steps * STEP_SECONDS[objective]
+
+
+def deal(chains: list[list[tuple[str, bool]]], processes: int,
+         preset_name: str = "default") -> list[list[tuple[str, bool]]]:
+    """Chains dealt to ``processes`` workers, longest first to the least loaded (LPT), so the
+    slowest worker finishes as early as this simple rule allows. Each worker's entries in order."""
+    loads = [0.0] * processes
+    out: list[list[tuple[str, bool]]] = [[] for _ in range(processes)]
+    for chain in chains:
+        w = loads.index(min(loads))
+        out[w] += chain
+        loads[w] += sum(training_cost(*e, preset_name) for e in chain)
+    return out
 
 
 def build(name: str, objective: str, finetune: bool, preset_name: str = "default", seed: int = 0,

@@ -65,3 +65,20 @@ def test_pretraining_is_deterministic_and_shares_the_initialisation() -> None:
     assert all(torch.equal(init[k], sup[k]) for k in init)
     c, _ = pretrain("mae", _short("mae"), seed=1, progress=False)
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("name", ["mocov3", "supervised"])  # EMA + projector heads; plain
+def test_weights_do_not_depend_on_the_thread_count(name: str, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    """Training pins its own thread count: the ambient torch threads and $REPSIM_THREADS of the
+    machine do not change a single bit of the weights."""
+    runs = []
+    for ambient in (1, 2):
+        monkeypatch.setenv("REPSIM_THREADS", str(ambient))
+        torch.set_num_threads(ambient)
+        runs.append(pretrain(name, _short(name), seed=0, progress=False))
+    (a, rec_a), (b, rec_b) = runs
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rec_a["loss_curve"] == rec_b["loss_curve"]
+    assert rec_a["threads"] == rec_b["threads"] == 1
+    assert torch.get_num_threads() == 2  # the caller's setting is given back
