@@ -101,3 +101,15 @@ def test_kernels_are_stored_as_upper_triangles(tmp_path: Path) -> None:
     # 3 blocks, 40 examples in minibatches of 8, 8·7/2 float64 values each: 224 bytes a layer
     # and minibatch (the full 8×8 matrix would be 512).
     assert kernels.shape == (3, 5, 28) and kernels.dtype == torch.float64
+
+
+def test_changing_pairs_or_bootstrap_forwards_nothing(tmp_path: Path, forwarded) -> None:
+    run = execute(write(tmp_path, "ab", "ab.toml"), tmp_path / "run")
+    changed = write(tmp_path, "ab", "changed.toml")
+    changed.write_text(changed.read_text().replace("bootstrap = 20", 'bootstrap = 10\n'
+                                                   'pairs = "cross"'))
+    fresh = execute(changed, tmp_path / "fresh")
+    forwarded.clear()
+    execute(changed, run)
+    assert forwarded == []
+    assert digest(run) == digest(fresh)
