@@ -122,8 +122,10 @@ def _grid(results: Sequence[dict[str, Any]], title: str) -> Figure:
                        interpolation="nearest")
 
         def block(name: str) -> str:
-            digits = [t for t in natural_key(name) if isinstance(t, int)]
-            return str(digits[0]) if digits else name
+            # a ViT block's number; a CNN's stage.block (ConvNeXt stages.0.blocks.2 -> 0.2)
+            digits = [str(t) for t in natural_key(name) if isinstance(t, int)]
+            return ".".join(digits[:2]) if len(digits) > 1 and not name.startswith("blocks.") \
+                else digits[0] if digits else name
 
         ax.set_xticks(range(len(res["cols"])), [block(c) for c in res["cols"]], fontsize=6)
         ax.set_yticks(range(len(res["rows"])), [block(r) for r in res["rows"]], fontsize=6)

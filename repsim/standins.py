@@ -43,7 +43,8 @@ _RGB_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads"
 _CNN_32PX = {"resize": 32, "crop": 32}
 
 
-def _minizoo_depth() -> int:
+def miniature_depth() -> int:
+    """Blocks of the minizoo's ``tiny`` ViT, which block indices are mapped to."""
     try:
         from repsim_minizoo.config import PRESETS
     except ImportError:
@@ -170,7 +171,7 @@ def _cut_probe(p: dict[str, Any]) -> dict[str, Any]:
 
 def stand_in(recipe: Recipe) -> tuple[Recipe, list[str]]:
     """The recipe's rehearsal and one line per replacement made."""
-    depth = _minizoo_depth()
+    depth = miniature_depth()
     raw = recipe.model_dump(mode="json", exclude_none=True)
     lines = []
     for label, model in raw["models"].items():

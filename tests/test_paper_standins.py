@@ -13,7 +13,7 @@ import pytest
 from repsim.cli import cli
 from repsim.pages import SECTIONS
 from repsim.recipe import CheckedRecipe, load_recipe
-from repsim.standins import DETECTOR_VIT, stand_in
+from repsim.standins import DETECTOR_VIT, miniature_depth, stand_in
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -47,11 +47,14 @@ def test_every_official_part_is_replaced_and_nothing_is_needed_from_disk() -> No
     assert set(rehearsal.layers) == set(paper.layers)
     assert [m.key for m in rehearsal.metrics] == [m.key for m in paper.metrics]
     assert [e.key for e in rehearsal.evaluators] == [e.key for e in paper.evaluators]
-    # blocks 8-11 of a 12-block ViT are the last block of the 2-block miniature
+    # blocks 8-11 of a 12-block ViT move to the same relative depth of the miniature
+    depth = miniature_depth()
+    last = sorted({b * depth // 12 for b in (8, 9, 10, 11)})
     concat = next(e for e in rehearsal.evaluators if e.key == "linear_probe_concat")
-    assert concat.params["layers"] == [["blocks.1"]]
+    assert concat.params["layers"] == [[f"blocks.{b}" for b in last]]
+    assert all(b < depth for b in last)
     frozen = next(e for e in rehearsal.evaluators if e.key == "vitdet_frozen")
-    assert frozen.params["blocks"] == [[-1], [1]] and frozen.params["models"] == [DETECTOR_VIT]
+    assert frozen.params["blocks"] == [[-1], last] and frozen.params["models"] == [DETECTOR_VIT]
     # the detector's ViT is in no model pair
     assert all(DETECTOR_VIT not in pair for pair in rehearsal.model_pairs())
     assert rehearsal.run.output == Path("runs/paper-standins")
