@@ -1,7 +1,8 @@
 """Scale-out: ranks as separate processes (gloo, a file store), the numbers of one process.
 
 Each rank is a `python -m repsim run` process with the environment torchrun would give it
-(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) and a file:// rendezvous.
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) and a file:// rendezvous; the evaluators' own
+distributed functions run in ranks that are this file run as a script (``worker``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -55,8 +57,8 @@ def test_the_unit_is_whole_minibatches_of_every_metric() -> None:
 
 
 def launch(recipe: Path, out: Path, size: int, store: Path, killer: str | None = None,
-           kill_rank: int | None = None, recipes: dict[int, Path] | None = None
-           ) -> list[subprocess.Popen]:
+           kill_rank: int | None = None, recipes: dict[int, Path] | None = None,
+           quiet: bool = True) -> list[subprocess.Popen]:
     procs = []
     for rank in range(size):
         env = os.environ | {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
@@ -66,7 +68,8 @@ def launch(recipe: Path, out: Path, size: int, store: Path, killer: str | None =
         if killer is not None and rank == kill_rank:
             cmd = [sys.executable, killer, str(path), str(out), "2"]
         else:
-            cmd = [sys.executable, "-m", "repsim", "run", str(path), "--out", str(out), "--quiet"]
+            cmd = [sys.executable, "-m", "repsim", "run", str(path), "--out", str(out),
+                   *(["--quiet"] if quiet else [])]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
@@ -99,13 +102,28 @@ def recipe(write_recipe) -> Path:
 
 @pytest.mark.parametrize("size,examples", [(2, 40), (3, 36), (3, 12)])
 def test_ranks_write_the_numbers_of_one_process(recipe: Path, tmp_path: Path, size: int,
-                                                examples: int) -> None:
+                                                examples: int, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     recipe.write_text(recipe.read_text().replace("examples = 40", f"examples = {examples}"))
+    from repsim.evaluators.base import Progress
     from repsim.run import run_recipe
 
-    one = run_recipe(recipe, tmp_path / "one", progress=False, quiet=True)
-    results = wait(launch(recipe, tmp_path / "many", size, tmp_path / "store"))
+    quiet = size == 3  # the first case shows the evaluators' progress; the others are --quiet
+    monkeypatch.setattr(Progress, "every", 0.0)  # a progress line after every step
+    one = run_recipe(recipe, tmp_path / "one", progress=False, quiet=quiet)
+    shown = capsys.readouterr().err
+    results = wait(launch(recipe, tmp_path / "many", size, tmp_path / "store", quiet=quiet))
     assert all(code == 0 for code, _ in results), results
+    if quiet:
+        assert "evaluator" not in shown + "".join(err for _, err in results)
+    else:  # a line saying what each evaluator does; for k-NN, steps with an estimate; rank 0
+        assert "evaluator 'knn': weighted 5-NN (T = 0.07) of 'eval' against the 'train'" in shown
+        assert "evaluator 'attention_distance': " in shown
+        assert re.search(r"evaluator 'knn': 1/18 layer × reduction items \(5 %\), [0-9.]+ s so "
+                         r"far, about [0-9.]+ s left", shown), shown
+        assert "evaluator 'knn': 18 layer × reduction items done in" in shown
+        assert "evaluator 'knn' on 2 processes: weighted 5-NN" in results[0][1]
+        assert "evaluator" not in results[1][1]
     a, b = similarity(one), similarity(tmp_path / "many")
     assert a.keys() == b.keys() and a
     worst = 0.0
@@ -180,3 +198,112 @@ def test_ranks_come_from_torchrun_or_slurm(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert world_from_env() == World(2, 3, 0, 3)
+
+
+def knn_cases() -> list[dict]:
+    """k-NN problems, each split over the ranks in units as the batch plan splits a run. ``tied``
+    features are ±1 in 16-d: every cosine a multiple of 1/8, computed exactly, most of them tied
+    (the tie-break decides the lists); the last case leaves a rank of 3 with no example and one
+    with fewer than k."""
+    g = torch.Generator().manual_seed(0)
+
+    def tied(n: int) -> torch.Tensor:
+        return torch.randint(0, 2, (n, 16), generator=g).float() * 2 - 1
+
+    cases = [dict(train=tied(61), test=tied(23), k=7, unit=4, memory_mb=256.0),
+             dict(train=tied(61), test=tied(23), k=20, unit=5, memory_mb=0.0005),
+             dict(train=torch.randn(80, 32, generator=g), test=torch.randn(30, 32, generator=g),
+                  k=5, unit=8, memory_mb=256.0),
+             dict(train=tied(12), test=tied(9), k=5, unit=8, memory_mb=256.0)]
+    for case in cases:
+        case["labels"] = torch.randint(0, 4, (case["train"].shape[0],), generator=g)
+        case["test_labels"] = torch.randint(0, 4, (case["test"].shape[0],), generator=g)
+    return cases
+
+
+def knn_of_one_process(case: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    from repsim.evaluators.knn import knn_neighbours, knn_vote
+
+    sims, idx = knn_neighbours(case["train"], case["test"], case["k"],
+                               memory_mb=case["memory_mb"])
+    pred = knn_vote(sims, case["labels"][idx], 4)
+    return sims, idx, float((pred == case["test_labels"]).double().mean())
+
+
+def worker(task: str, out: str) -> None:
+    """One rank (RANK, WORLD_SIZE and REPSIM_DIST_INIT from the environment): ``task`` on its
+    share of the data; rank 0 saves what it got to ``out``."""
+    import torch.distributed as dist
+
+    from repsim.evaluators.knn import knn_neighbours, knn_vote
+
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method=os.environ["REPSIM_DIST_INIT"], rank=rank,
+                            world_size=size)
+    got: list = []
+    if task == "knn":
+        for case in knn_cases():
+            mine = torch.tensor(rank_positions(case["train"].shape[0], case["unit"],
+                                               World(rank, size)), dtype=torch.long)
+            sims, idx = knn_neighbours(case["train"][mine], case["test"] if rank == 0 else None,
+                                       case["k"], index=mine, memory_mb=case["memory_mb"],
+                                       group=dist.group.WORLD)
+            if rank == 0:
+                pred = knn_vote(sims, case["labels"][idx], 4)
+                got.append((sims, idx, float((pred == case["test_labels"]).double().mean())))
+            else:
+                assert sims is None and idx is None
+    if task == "fail":  # rank 1 fails before the search its peers wait in
+        if rank == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+        case = knn_cases()[0]
+        knn_neighbours(case["train"], case["test"] if rank == 0 else None, 3,
+                       group=dist.group.WORLD)
+    if rank == 0:
+        torch.save(got, out)
+    dist.destroy_process_group()
+
+
+def start_workers(task: str, size: int, tmp_path: Path, out: Path) -> list[subprocess.Popen]:
+    procs = []
+    for rank in range(size):
+        env = os.environ | {"RANK": str(rank), "WORLD_SIZE": str(size), "OMP_NUM_THREADS": "1",
+                            "REPSIM_DIST_INIT": f"file://{tmp_path / f'store-{task}-{size}'}"}
+        procs.append(subprocess.Popen([sys.executable, __file__, task, str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def run_workers(task: str, size: int, tmp_path: Path) -> list:
+    """``task`` on ``size`` ranks; rank 0's results."""
+    out = tmp_path / f"{task}-{size}.pt"
+    results = wait(start_workers(task, size, tmp_path, out), timeout=120)
+    assert all(code == 0 for code, _ in results), results
+    return torch.load(out, weights_only=True)
+
+
+def test_a_rank_that_fails_in_an_evaluator_takes_the_others_down(tmp_path: Path) -> None:
+    started = time.time()
+    results = wait(start_workers("fail", 3, tmp_path, tmp_path / "out.pt"), timeout=120)
+    assert time.time() - started < 100  # no rank waits for ever for the failed one
+    assert results[1][0] != 0 and "rank 1 fails on purpose" in results[1][1]
+    assert results[0][0] != 0 and results[2][0] != 0
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_sharded_knn_finds_the_neighbours_of_one_process(tmp_path: Path, size: int) -> None:
+    cases = knn_cases()
+    got = run_workers("knn", size, tmp_path)
+    assert len(got) == len(cases)
+    for case, (sims, idx, acc) in zip(cases, got):
+        one_sims, one_idx, one_acc = knn_of_one_process(case)
+        assert torch.equal(idx, one_idx)  # the same neighbours, in the same order
+        assert torch.equal(sims, one_sims)
+        assert acc == one_acc
+    # the tie-break decided: lists where a tied neighbour was left out for a lower index
+    tied = knn_of_one_process(cases[0])[0]
+    assert (tied[:, :-1] == tied[:, 1:]).any()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])

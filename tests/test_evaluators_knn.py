@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from repsim.errors import FeatureError
-from repsim.evaluators.knn import _blocks, knn_accuracy, knn_predict
+from repsim.evaluators.knn import _blocks, _topk, knn_accuracy, knn_neighbours, knn_predict
 
 
 def reference_knn(train_x, train_y, test_x, k, temperature, num_classes):
@@ -40,6 +40,48 @@ def test_matches_float64_reference(seed, k, temperature):
     acc = knn_accuracy(train_x, train_y, test_x, y[600:], k, temperature)
     assert acc == pytest.approx(float((ref == y[600:]).double().mean()), abs=0)
     assert 0.2 < acc < 1.0  # the comparison is not trivially all-correct
+
+
+def tied_features(n: int, d: int = 16, seed: int = 0) -> torch.Tensor:
+    """Rows of ±1 in 16-d: after L2 normalisation ±0.25, so every cosine is a multiple of 1/8,
+    computed exactly in any order; 17 possible values, so most similarities tie."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n, d), generator=g).float() * 2 - 1
+
+
+def reference_neighbours(train_x, test_x, k):
+    """Top-k by (similarity descending, index ascending) from the full float64 matrix."""
+    sim = (test_x.double() / 4) @ (train_x.double() / 4).T  # exact for tied_features
+    order = torch.tensor([sorted(range(sim.shape[1]), key=lambda j: (-sim[i, j], j))[:k]
+                          for i in range(sim.shape[0])])
+    return sim.gather(1, order), order
+
+
+@pytest.mark.parametrize("memory_mb", [256.0, 0.0005])
+def test_tied_neighbours_are_the_lowest_indices(memory_mb):
+    train_x, test_x = tied_features(300, seed=1), tied_features(40, seed=2)
+    for k in (1, 7, 20):
+        sims, idx = knn_neighbours(train_x, test_x, k, memory_mb=memory_mb)
+        ref_sims, ref_idx = reference_neighbours(train_x, test_x, k)
+        assert torch.equal(idx, ref_idx)
+        assert torch.equal(sims.double(), ref_sims)
+    assert (ref_sims[:, :-1] == ref_sims[:, 1:]).any()  # ties inside the lists as well
+
+
+def test_neighbour_indices_follow_the_given_index():
+    train_x, test_x = tied_features(50, seed=3), tied_features(9, seed=4)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(5))
+    # the same rows given in another order, with their indices: the same neighbours
+    base = knn_neighbours(train_x, test_x, 5)
+    shuffled = knn_neighbours(train_x[perm], test_x, 5, index=perm)
+    assert torch.equal(base[1], shuffled[1]) and torch.equal(base[0], shuffled[0])
+
+
+def test_topk_takes_the_lowest_columns_at_a_tie():
+    sim = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    vals, cols = _topk(sim, 2)
+    assert sorted(cols[0].tolist()) == [0, 1] and sorted(cols[1].tolist()) == [0, 1]
+    assert torch.equal(vals, torch.tensor([[0.9, 0.5], [0.2, 0.2]]))
 
 
 def test_blocked_equals_unblocked():

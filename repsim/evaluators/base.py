@@ -8,6 +8,7 @@ orchestrator: everything it may read comes through :class:`EvalContext`.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,11 @@ class EvalContext(Protocol):
 
     models: list[str]  # labels of the recipe's models, in recipe order
     seed: int
+    # Where this process stands in a distributed run (0, 1, None in one process). Only an
+    # evaluator marked ``distributed`` runs on every rank; the others see rank 0 of 1.
+    rank: int
+    world_size: int
+    group: Any  # the torch.distributed process group of the ranks (gloo), or None
 
     def layers(self, model: str) -> list[str]:
         """Selected layers of a model, in network order."""
@@ -80,6 +86,21 @@ class EvalContext(Protocol):
 
     def labels(self, split: str = "eval") -> torch.Tensor:
         """``[N]`` integer labels of a split, in extraction order."""
+
+    def local_features(self, model: str, layer: str, split: str = "eval",
+                       reduction: str | None = None) -> torch.Tensor:
+        """This rank's share of :meth:`features` (all of it in one process): the rows whose
+        global indices :meth:`local_index` gives, in that order."""
+
+    def local_labels(self, split: str = "eval") -> torch.Tensor:
+        """This rank's share of :meth:`labels`, rows as in :meth:`local_features`."""
+
+    def local_index(self, split: str = "eval") -> torch.Tensor:
+        """``[n]`` global example indices (ascending) of this rank's rows: every example of the
+        split is on exactly one rank."""
+
+    def progress(self, total: int, unit: str) -> Progress:
+        """A progress reporter for ``total`` steps of a long evaluator (silent off rank 0)."""
 
     def output(self, model: str, split: str = "eval") -> torch.Tensor:
         """``[N, C]`` model outputs (requires ``FeatureNeeds(output=True)``)."""
@@ -115,13 +136,59 @@ class Evaluator(ABC):
 
     needs: FeatureNeeds = FeatureNeeds()
     access: Access = Access()
+    # True: in a distributed run ``evaluate`` runs on every rank (over the local_* shares, with
+    # collectives on ``ctx.group``) and rank 0's result is written; False: on rank 0 alone.
+    # An evaluator that reads similarity results always runs on rank 0 alone.
+    distributed: bool = False
 
     def __init__(self, params: BaseModel | None = None, name: str | None = None) -> None:
         self.params = params
         self.name = name or type(self).__name__.lower()
 
+    def describe(self) -> str:
+        """One line saying what the evaluator will do (shown when it starts)."""
+        doc = (type(self).__doc__ or "").strip()
+        return " ".join(doc.split("\n\n")[0].split()) or self.name
+
     @abstractmethod
     def evaluate(self, ctx: EvalContext) -> EvalResult: ...
+
+
+class Progress:
+    """Periodic progress lines of a long evaluator: steps done, time so far, an estimate of the
+    time left (from the mean time per step), and a last line when it is done.
+
+    ``say`` prints a line (a no-op for silent progress); a line comes at most every
+    ``every`` seconds, so a quick evaluator prints only its last line.
+    """
+
+    every = 10.0  # seconds between lines
+
+    def __init__(self, say: Callable[[str], None], name: str, total: int, unit: str) -> None:
+        self.say, self.name, self.total, self.unit = say, name, total, unit
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, steps: int = 1) -> None:
+        self.done += steps
+        now = time.monotonic()
+        elapsed = now - self.start
+        if self.done >= self.total:
+            self.say(f"evaluator '{self.name}': {self.done} {self.unit} done in "
+                     f"{_duration(elapsed)}")
+        elif now - self.last >= self.every:
+            self.last = now
+            left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            self.say(f"evaluator '{self.name}': {self.done}/{self.total} {self.unit} "
+                     f"({100 * self.done // self.total} %), {_duration(elapsed)} so far, "
+                     f"about {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no step done yet
+        return "?"
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s:02d} s" if minutes else f"{seconds:.1f} s"
 
 
 @dataclass(frozen=True)
@@ -160,3 +227,16 @@ class StreamingEvaluator(Evaluator):
 
     @abstractmethod
     def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def first_of_ranks(message: str | None, group: Any) -> str | None:
+    """The first rank's ``message`` that is not None (``message`` itself in one process). A
+    distributed evaluator skips an item on every rank or on none, so the ranks' collectives stay
+    in step."""
+    if group is None:
+        return message
+    import torch.distributed as dist
+
+    messages: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, message, group=group)
+    return next((m for m in messages if m is not None), None)

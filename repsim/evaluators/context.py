@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from repsim.evaluators.access import DataAccess, ModelAccess
+    from repsim.evaluators.base import Progress
     from repsim.metrics.results import SimilarityResult
 
 
@@ -37,8 +38,11 @@ class InMemoryContext:
     is returned transposed). ``default_reduction``: the reduction used when an evaluator asks for
     none (one for all models or per model); ``num_prefix_tokens`` per model (CLS = 1).
     ``model_access`` / ``data_access``: what :meth:`model` and :meth:`data` return, per model
-    label and per split. Anything absent raises ``KeyError`` naming what exists.
+    label and per split. Anything absent raises ``KeyError`` naming what exists. It is one
+    process: the ``local_*`` views are the whole splits, and progress is silent.
     """
+
+    rank, world_size, group = 0, 1, None
 
     def __init__(
         self,
@@ -125,6 +129,23 @@ class InMemoryContext:
 
     def labels(self, split: str = "eval") -> torch.Tensor:
         return self._get(self._labels, split, "split with labels")
+
+    def local_features(self, model: str, layer: str, split: str = "eval",
+                       reduction: str | None = None) -> torch.Tensor:
+        return self.features(model, layer, split, reduction)
+
+    def local_labels(self, split: str = "eval") -> torch.Tensor:
+        return self.labels(split)
+
+    def local_index(self, split: str = "eval") -> torch.Tensor:
+        import torch
+
+        return torch.arange(self.labels(split).shape[0])
+
+    def progress(self, total: int, unit: str) -> Progress:
+        from repsim.evaluators.base import Progress
+
+        return Progress(lambda _: None, "in memory", total, unit)
 
     def output(self, model: str, split: str = "eval") -> torch.Tensor:
         splits = self._get(self._outputs, model, "model with outputs")

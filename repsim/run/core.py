@@ -98,7 +98,13 @@ class Run:
             self._pass(plan, split)
             self.timing[f"pass {split}"] = round(time.perf_counter() - t, 3)
         self._barrier()  # every rank's feature cache is written
-        return self._results(plan, self._similarities(plan), started) if world.is_main else ""
+        if not world.is_main:  # the other ranks take part in the distributed evaluators
+            from repsim.run.cache import FeatureReader
+            from repsim.run.evaluate import follow_evaluators
+
+            follow_evaluators(plan, FeatureReader(self.dir / "cache"), world, self.group)
+            return ""
+        return self._results(plan, self._similarities(plan), started)
 
     def _results(self, plan: RunPlan, streamed: dict[str, Any], started: float) -> str:
         """Evaluators, similarity results, provenance and summary (rank 0 alone)."""
@@ -112,7 +118,7 @@ class Run:
                  for key, ev in plan.evaluators.items()}
         self._drop_stale_outputs(plan)
         run_evaluators(self.dir, plan, reader, {}, after_metrics=False, fingerprints=evals,
-                       say=self.say)
+                       say=self.say, world=self.world, group=self.group, timing=self.timing)
         results = results_stage.finalise(plan, streamed, reader)
         for (key, a, b), result in results.items():
             results_stage.write_similarity(self.dir, plan, key, a, b, result)
@@ -121,7 +127,7 @@ class Run:
                     plan.notes.append(note)
                     self.say(f"note ({key}, {a} vs {b}): {note}")
         run_evaluators(self.dir, plan, reader, results, after_metrics=True, fingerprints=evals,
-                       say=self.say)
+                       say=self.say, timing=self.timing)
         headers, rows = results_stage.summary_rows(plan, results)
         summary = records_table(headers, rows) if rows else "(no similarity metrics)"
         store.write_json(self.dir / "provenance.json",
