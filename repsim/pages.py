@@ -54,17 +54,22 @@ def _finetuned(label: str, models: dict[str, Any]) -> bool:
 
 
 def _base_of(label: str) -> str:
-    return label.removesuffix("_ft")
+    return label.removesuffix("_ft").removesuffix("_finetuned")
+
+
+def _pretrained_vits(a: str, b: str, models: dict[str, Any]) -> bool:
+    """Two distinct pre-trained models, neither a CNN (those are Fig. 11's)."""
+    return a != b and not any(_finetuned(x, models) or models.get(x, {}).get("family") == "cnn"
+                              for x in (a, b))
 
 
 SECTIONS = (
     Section("fig1", "Fig. 1 — CKA between the blocks of every pair of models",
             "CKA of the residual stream after each block, every block of model A (rows) against "
-            "every block of model B (columns).", groups=("blocks",),
-            pairs=lambda a, b, m: a != b and not _finetuned(a, m) and not _finetuned(b, m)),
+            "every block of model B (columns).", groups=("blocks",), pairs=_pretrained_vits),
     Section("fig2", "Fig. 2 — CKA by layer type", "LayerNorm-1, MHSA-QKV and MLP-FC-1 of each "
             "block, model A against model B.", groups=("norm1", "attn_qkv", "mlp_fc1"),
-            pairs=lambda a, b, m: a != b and not _finetuned(a, m) and not _finetuned(b, m)),
+            pairs=_pretrained_vits),
     Section("fig3", "Fig. 3 / 12 — k-NN accuracy per block", "Weighted 20-NN accuracy (DINO "
             "protocol) of every block for CLS, GAP and GAP without CLS.", evaluators=("knn",)),
     Section("fig2a", "Fig. 2a — non-linear probes", "Probes of 1–3 Linear–BatchNorm–ReLU blocks "
@@ -84,8 +89,7 @@ SECTIONS = (
             "per layer type and block.", evaluators=("path_efficiency",)),
     Section("fig15", "Fig. 15–16 — MSN against the other objectives", "CKA between the blocks of "
             "MSN (rows) and of each other pre-trained model.", groups=("blocks",),
-            pairs=lambda a, b, m: "msn" in a and "msn" not in b and not _finetuned(a, m)
-            and not _finetuned(b, m)),
+            pairs=lambda a, b, m: "msn" in a and "msn" not in b and _pretrained_vits(a, b, m)),
     Section("tab6", "Tables 6–7 / Fig. 7 — ViTDet transfer", "Box and mask AP of a Mask R-CNN on "
             "frozen or fine-tuned backbones.", evaluators=("vitdet",)),
     Section("park", "Park et al. — attention and Fourier analyses", "Attention distance, attention "
@@ -238,7 +242,11 @@ def build_report(run_dir: Path) -> Path:
     provenance = store.read_json(run_dir / "provenance.json") \
         if (run_dir / "provenance.json").exists() else {}
     names = {e.get("label") or e["name"]: e["name"] for e in resolved.get("evaluators", [])}
-    models, run, data = resolved["models"], resolved["run"], resolved["data"]
+    # each model's family (vit, cnn) as the run found it, beside its recipe entry
+    families = {label: {"family": m.get("family")}
+                for label, m in provenance.get("models", {}).items()}
+    models = {label: {**m, **families.get(label, {})} for label, m in resolved["models"].items()}
+    run, data = resolved["run"], resolved["data"]
     parts: list[tuple[Section, Block | None, str]] = []
     for section in SECTIONS:
         if section.groups:

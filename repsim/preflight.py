@@ -13,6 +13,7 @@ and a stated GPU throughput.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -290,6 +291,8 @@ def model_costs(checked: CheckedRecipe) -> dict[str, ModelCost]:
                 h.remove()
         if isinstance(out, torch.Tensor):
             shapes["output"] = tuple(out.shape[1:])
+        entry = checked.recipe.models[label]
+        _COUNTED[_entry_key(entry.model, entry.params)] = float(counter.get_total_flops())
         reduce = checked.recipe.reduce_of(label)
         dims = {n: _width(s, reduce) for n, s in shapes.items()}
         block = shapes.get("blocks.0") if sk.family == "vit" else None
@@ -329,12 +332,20 @@ def figure_estimate(name: str, fig: Recipe, checked: CheckedRecipe,
     if readers:
         train, note = _split_size(fig, "train", fig.run.train_examples)
         notes += [note] if note else []
-    unknown = [m for m in fig.models if m not in costs]
+    per_image = {m: costs[m].flops for m in fig.models if m in costs}
+    training = 0.0
+    for label, m in fig.models.items():
+        if m.model == "finetuned":  # its run does not exist yet: count its fine-tuning recipe
+            image, flops, note = _finetune_cost(checked.path, str(m.params.get("run", "")))
+            if image is not None:
+                per_image[label] = image
+            training += flops
+            notes.append(f"{label}: {note}")
+    unknown = [m for m in fig.models if m not in per_image]
     if unknown:
         notes.append(f"not counted (no structure before the run): {', '.join(unknown)}")
-    forward = sum(costs[m].flops for m in fig.models if m in costs) * (val + train)
+    forward = sum(per_image.values()) * (val + train)
     classes = _SIZES.get(fig.data.dataset, ({}, 1000, ""))[1]
-    training = 0.0
     for e in fig.evaluators:
         resolved = checked.evaluators.get(e.key)
         if resolved is None:
@@ -343,10 +354,69 @@ def figure_estimate(name: str, fig: Recipe, checked: CheckedRecipe,
                                        classes)
         training += flops
         notes += [f"{e.key}: {note}"] if note else []
-    if any(m.model == "finetuned" for m in fig.models.values()):
-        notes.append("the fine-tuning runs it compares are made first by `repsim finetune` "
-                     "(Table 5: 100 ImageNet epochs each; not counted here)")
     return FigureEstimate(name, len(fig.models), val + train, forward, training, notes)
+
+
+# Forward FLOPs per image of the model entries counted so far, by entry and parameters: a
+# fine-tuning recipe's model is usually one of the recipe's own (same file, same structure).
+_COUNTED: dict[str, float] = {}
+
+
+def _entry_key(model: str, params: dict[str, Any]) -> str:
+    return json.dumps([model, params], sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=None)
+def _finetune_cost(recipe: Path, run: str) -> tuple[float | None, float, str]:
+    """A `finetuned` model whose run is yet to be made: its model's forward FLOPs per image and
+    the FLOPs of its fine-tuning (epochs × train images × 3 forwards), from the fine-tuning
+    recipe beside ``recipe`` (its folder and sub-folders) whose ``finetune.output`` is ``run``."""
+    from repsim.finetune.config import load_finetune_recipe
+    from repsim.plugins import registry
+
+    for candidate in sorted(recipe.resolve().parent.rglob("*.toml")):
+        if "[finetune]" not in candidate.read_text(encoding="utf-8"):
+            continue
+        try:
+            ft = load_finetune_recipe(candidate)
+        except RecipeError:
+            continue
+        if Path(ft.finetune.output) != Path(run):
+            continue
+        cost = _COUNTED.get(_entry_key(ft.model.model, ft.model.params))
+        if cost is None:  # a model the recipe itself does not hold: build its structure
+            part = registry("model").get(ft.model.model)
+            try:
+                cost = _forward_cost(part.skeleton(part.validate(ft.model.params)))
+            except Exception:  # noqa: BLE001 - no structure without its files: the note says so
+                cost = None
+        images = ft.data.examples or _SIZES.get(ft.data.dataset, ({}, 0, ""))[0].get(
+            ft.data.split, 0)
+        if cost is None or not images:
+            return None, 0.0, f"made first by `repsim finetune {candidate.name}` (not counted)"
+        epochs = ft.finetune.settings().epochs
+        return cost, epochs * images * TRAIN_FACTOR * cost, (
+            f"includes its fine-tuning first, `repsim finetune {candidate.name}` ({epochs} "
+            f"epochs of {images:,} images)")
+    return None, 0.0, f"its fine-tuning run '{run}' is made first by `repsim finetune` (no " \
+        "recipe writing it was found beside this one; not counted)"
+
+
+def _forward_cost(skeleton: Any) -> float | None:
+    """Forward FLOPs of one image through a meta-device model, or None if it cannot run."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    crop = skeleton.preprocess.crop
+    if crop is None:
+        return None
+    try:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            skeleton.module(torch.zeros(1, skeleton.preprocess.channels, crop, crop,
+                                        device="meta"))
+    except Exception:  # noqa: BLE001 - a network that cannot run on meta
+        return None
+    return float(counter.get_total_flops())
 
 
 def _reads_train(checked: CheckedRecipe, key: str) -> bool:

@@ -105,6 +105,17 @@ def test_flops_are_counted_on_the_meta_device() -> None:
     assert costs["mocov3"].dims["blocks.11"] == 768  # CLS token width
 
 
+def test_fine_tuning_runs_yet_to_be_made_are_counted_from_their_recipes() -> None:
+    """Fig. 14 compares runs of recipes/paper/finetune_*.toml: their Table 5 training (100
+    epochs of ImageNet-1k train, 3 forwards a step) is in the figure's estimate."""
+    pf = preflight(RECIPES / "paper/fig14_path_efficiency.toml")
+    fig = pf.figures[0]
+    vit_b = 2 * 17.56e9
+    assert fig.training == pytest.approx(4 * 100 * 1_281_167 * 3 * vit_b, rel=0.01)
+    assert fig.forward == pytest.approx(8 * 1024 * vit_b, rel=0.01)  # 4 pretrained + 4 fine-tuned
+    assert sum("finetune_mae.toml" in n for n in fig.notes) == 1
+
+
 def test_the_estimate_scales_with_the_images(tmp_path: Path) -> None:
     small = preflight(RECIPES / "paper/fig1.toml").figures[0]
     big = preflight(RECIPES / "paper/fig1.toml", run_overrides={"examples": 4096}).figures[0]

@@ -90,6 +90,7 @@ def test_four_figures_rehearse_end_to_end(runner, tmp_path: Path) -> None:
     assert len(sections) == len(SECTIONS) + 1  # and provenance
     fig1 = sections["Fig. 1 — CKA between the blocks of every pair of models"]
     assert "fig1_blocks.png" in fig1 and "bootstrap interval" in fig1
+    assert "resnet50_dino" not in fig1  # the CNNs are Fig. 11's, not Fig. 1's
     assert "Not in this run" not in sections["Fig. 11 — CKA against relative depth"]
     assert "Not in this run" not in sections["Fig. 2c / 5 — linear probes"]
     assert "Not in this run" not in sections["Tables 6–7 / Fig. 7 — ViTDet transfer"]
