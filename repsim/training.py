@@ -192,3 +192,128 @@ def _load(path: Path, stateful: dict[str, Any], generator: torch.Generator,
     # Checkpoints written before the step count was saved resume with 0: their schedules were
     # torch ones, which keep their own count.
     return History(list(state["loss"]), resumed_at=state["epoch"], steps=state.get("steps", 0))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's rows of a data set spread over the ranks of ``group``: ``positions[i]`` is the
+    global position (among ``n``) of local row i. ``group`` None: one process holding all rows.
+    ``sync_group``: a second group for the statistics of :class:`SyncedBatchNorm` (their
+    collectives run inside DDP's backward, beside its gradient all-reduces)."""
+
+    positions: torch.Tensor
+    n: int
+    group: Any = None
+    sync_group: Any = None
+
+    @classmethod
+    def whole(cls, n: int) -> Shard:
+        return cls(torch.arange(n), n)
+
+
+class GlobalBatchSampler:
+    """A seeded distributed sampler without padding: each epoch a permutation of all ``n``
+    examples (from the loop's generator, the same on every rank) cut into ``n // batch_size``
+    global minibatches, the incomplete last one dropped; a rank yields, per step, the local rows
+    of its examples in that minibatch. Every rank takes every step, and the ranks' rows of a step
+    are exactly the minibatch one process takes (in one process, the rows themselves)."""
+
+    def __init__(self, shard: Shard, batch_size: int) -> None:
+        self.batch_size, self.n = batch_size, shard.n
+        self.local = torch.full((shard.n,), -1, dtype=torch.long)  # global position -> row
+        self.local[shard.positions.long()] = torch.arange(len(shard.positions))
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __call__(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        order = torch.randperm(self.n, generator=generator)
+        for i in range(len(self)):
+            rows = self.local[order[i * self.batch_size:(i + 1) * self.batch_size]]
+            yield rows[rows >= 0]
+
+
+class _AllReduce(torch.autograd.Function):
+    """A sum over the ranks of a group whose gradient is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch normalisation with the statistics of the global batch of all ranks of ``group``
+    (two differentiable all-reduces: the sums, then the squared deviations), on any device and
+    backend; torch's ``SyncBatchNorm`` takes GPUs only. A rank may hold no row of a batch.
+    In eval mode it is the BatchNorm it replaced."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, group: Any) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.to(next(iter([*bn.parameters(), *bn.buffers()]), torch.empty(0)).device)
+        self.group = group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.ndim < 2:
+            raise ValueError(f"expected at least 2-d input, got {input.ndim}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        all_reduce = _AllReduce.apply
+        dims = [0, *range(2, x.ndim)]
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]),
+                          self.group)
+        count = sums[-1]
+        mean = sums[:-1] / count
+        dev = x - mean.view(shape)
+        var = all_reduce((dev * dev).sum(dims), self.group) / count
+        out = dev * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else \
+                    1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1), alpha=m)
+        return out
+
+
+def data_parallel(model: nn.Module, shard: Shard) -> nn.Module:
+    """``model`` for training on ``shard``: itself in one process; else its BatchNorms synced
+    over ``shard.sync_group`` and the whole in ``DistributedDataParallel`` over ``shard.group``."""
+    if shard.group is None:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    def sync(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, SyncedBatchNorm(child, shard.sync_group))
+            else:
+                sync(child)
+
+    sync(model)
+    # No buffer broadcast before every forward: synced statistics are equal on every rank
+    # (torch >= 2.14 names the switch forward_sync_buffers and deprecates broadcast_buffers).
+    import inspect
+
+    switch = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(model, process_group=shard.group, **{switch: False})

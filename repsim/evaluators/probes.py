@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from repsim.errors import FeatureError
 from repsim.evaluators._common import (MISSING, cached_layers, expand_layer, figure, json_float,
                                        resolve_layers, resolve_models, table)
-from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
+from repsim.evaluators.base import (EvalContext, Evaluator, EvalResult, FeatureNeeds,
+                                   first_of_ranks)
 from repsim.evaluators.params import LinearProbeParams, MlpProbeParams
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from repsim.training import Shard
 
 EVAL_CHUNK = 8192  # rows per forward pass at evaluation
 # Below this many multiply-adds per step, intra-op threading costs more than it saves (measured:
@@ -56,6 +59,19 @@ class ProbeResult:
     best: list[int]  # indices into ``runs``, best first
     protocol: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = None  # the best run's probe (eval mode) if asked for
+
+
+@dataclass(frozen=True)
+class ProbeShard:
+    """A probe's data spread over ranks: ``index`` holds the global indices of this rank's train
+    rows, ``train_labels`` every train label in global order (the held-out part is drawn from
+    them). ``group``: the ranks (DDP and the scores); ``sync_group``: a second group of the same
+    ranks for the BatchNorm statistics (see :class:`repsim.training.Shard`)."""
+
+    index: torch.Tensor
+    train_labels: torch.Tensor
+    group: Any = None
+    sync_group: Any = None
 
 
 def build_probe(in_dim: int, num_classes: int, depth: int = 0, hidden: int | None = None
@@ -103,45 +119,64 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, depth: in
                 hidden: int | None = None, optimizer: Literal["sgd", "lars"] = "sgd",
                 base_lr: float = 0.1, weight_decay: float = 0.0, momentum: float = 0.9,
                 batch_size: int = 256, epochs: int = 100, warmup_epochs: int = 10,
-                seed: int = 0) -> nn.Sequential:
+                seed: int = 0, shard: Shard | None = None) -> nn.Sequential:
     """Train one probe on ``[N, D]`` features; returns it in eval mode.
 
     The learning rate is ``base_lr × batch_size / 256`` (MAE's rule); the batch is capped at N and
     incomplete last batches are dropped (BatchNorm needs more than one example).
+
+    ``shard``: ``x`` and ``y`` are this rank's rows of a training set spread over ranks. The probe
+    trains under DistributedDataParallel with BatchNorm statistics of the global batch, and every
+    step's global minibatch is the one a single process takes from the same seed; each rank's loss
+    is its examples' sum × W / batch, so DDP's mean over ranks is the single-process gradient (up
+    to the order of float sums).
     """
     import torch
     import torch.nn.functional as F
 
-    from repsim.training import train
+    from repsim.training import GlobalBatchSampler, Shard, data_parallel, train
 
-    n = x.shape[0]
+    shard = shard or Shard.whole(x.shape[0])
+    n = shard.n
     if n < 2:
         raise FeatureError(f"a probe needs at least 2 training examples; got {n}.")
     bs = min(batch_size, n)
-    steps_per_epoch = n // bs
-    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    sampler = GlobalBatchSampler(shard, bs)
+    total, warmup = epochs * len(sampler), warmup_epochs * len(sampler)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         model = build_probe(x.shape[1], num_classes, depth, hidden).to(x.device)
+    net = data_parallel(model, shard)
     opt = _optimizer(model, optimizer, base_lr * bs / 256, weight_decay, momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, warmup, total))
     y = y.to(x.device, torch.long)
 
     def batches(gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(n, generator=gen).to(x.device)
-        for i in range(steps_per_epoch):
-            idx = order[i * bs:(i + 1) * bs]
-            yield x[idx], y[idx]
+        for rows in sampler(gen):
+            rows = rows.to(x.device)
+            yield x[rows], y[rows]
+
+    if shard.group is None:
+        loss = F.cross_entropy
+    else:
+        import torch.distributed as dist
+
+        scale = dist.get_world_size(shard.group) / bs
+
+        def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, target, reduction="sum") * scale
 
     dims = [x.shape[1]] + [hidden or x.shape[1]] * depth + [num_classes]
     work = bs * sum(a * b for a, b in zip(dims, dims[1:]))  # multiply-adds of one forward step
     with _threads(work if x.device.type == "cpu" else SMALL_STEP):
-        train(model, batches, F.cross_entropy, opt, epochs, schedule=sched, seed=seed)
+        train(net, batches, loss, opt, epochs, schedule=sched, seed=seed)
     return model.eval()
 
 
-def _score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of a probe in eval mode."""
+def _score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group: Any = None
+           ) -> tuple[float, float, int]:
+    """(accuracy, mean cross-entropy, examples) of a probe in eval mode; with ``group``, over the
+    rows of every rank (each example is on one rank: none dropped, none counted twice)."""
     import torch
     import torch.nn.functional as F
 
@@ -152,7 +187,14 @@ def _score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, f
             logits = model(x[i:i + EVAL_CHUNK])
             correct += int((logits.argmax(1) == y[i:i + EVAL_CHUNK]).sum())
             loss += float(F.cross_entropy(logits, y[i:i + EVAL_CHUNK], reduction="sum"))
-    return correct / x.shape[0], loss / x.shape[0]
+    count = x.shape[0]
+    if group is not None:
+        import torch.distributed as dist
+
+        sums = torch.tensor([correct, loss, count], dtype=torch.float64)
+        dist.all_reduce(sums, group=group)
+        correct, loss, count = int(sums[0]), float(sums[1]), int(sums[2])
+    return correct / count, loss / count, count
 
 
 def probe_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -190,41 +232,71 @@ def probe_grid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
                warmup_epochs: tuple[int, ...] = (10,), seeds: tuple[int, ...] = (0,),
                top: int = 5, selection: Literal["holdout", "eval"] = "holdout",
                holdout: float = 0.1, split_seed: int = 0, num_classes: int | None = None,
-               keep_best: bool = False) -> ProbeResult:
+               keep_best: bool = False, shard: ProbeShard | None = None,
+               on_run: Callable[[], None] | None = None) -> ProbeResult:
     """Train a probe for every grid point; mean ± std of the eval accuracy of the best ``top``.
 
     ``selection="holdout"`` (default) trains on the train split minus a stratified ``holdout``
     fraction and ranks runs by held-out accuracy (then lower held-out loss); the eval split is
     only reported. ``selection="eval"`` trains on the whole train split and ranks by eval
     accuracy, as the seeds report (an optimistic estimate). ``keep_best``: return the top-ranked
-    run's probe as ``model``.
+    run's probe as ``model``. ``on_run`` is called after every grid point.
+
+    ``shard``: the train and test tensors are this rank's rows of data spread over ranks (see
+    :class:`ProbeShard`; ``num_classes`` required). The held-out part is drawn from all train
+    labels, the same on every rank; probes train with the single-process global minibatches
+    (:func:`train_probe`) and are scored over every rank's rows. All ranks get the same result.
     """
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
         raise FeatureError(f"probes need [N, D] features of equal width; got train "
                            f"{tuple(train_x.shape)} and test {tuple(test_x.shape)}.")
+    import torch
+
+    from repsim.training import Shard
+
     train_x, test_x = train_x.float(), test_x.float().to(train_x.device)
+    if shard is None:
+        shard = ProbeShard(torch.arange(train_x.shape[0]), train_y)
+    elif num_classes is None:
+        raise ValueError("probe_grid over ranks needs num_classes (the same on every rank)")
+    all_y, index = shard.train_labels, shard.index.long()
     n_cls = num_classes or int(max(int(train_y.max()), int(test_y.max()))) + 1
     if selection == "holdout":
-        fit, held = holdout_split(train_y, holdout, split_seed)
-        fit_x, fit_y = train_x[fit.to(train_x.device)], train_y[fit]
-        sel_x, sel_y = train_x[held.to(train_x.device)], train_y[held]
+        fit, held = holdout_split(all_y, holdout, split_seed)
     else:
-        fit_x, fit_y, sel_x, sel_y = train_x, train_y, test_x, test_y
+        fit, held = torch.arange(all_y.shape[0]), None
+    # This rank's rows of the fit part, and their positions in it (in one process: train[fit]).
+    place = torch.full((all_y.shape[0],), -1, dtype=torch.long)
+    place[fit] = torch.arange(fit.shape[0])
+    mine = place[index] >= 0
+    fit_x, fit_y = train_x[mine.to(train_x.device)], train_y[mine]
+    fit_shard = Shard(place[index][mine], fit.shape[0], shard.group, shard.sync_group)
+    if held is not None:
+        is_held = torch.zeros(all_y.shape[0], dtype=torch.bool)
+        is_held[held] = True
+        sel_x, sel_y = train_x[is_held[index].to(train_x.device)], train_y[is_held[index]]
+    else:
+        sel_x, sel_y = test_x, test_y
     runs: list[dict[str, Any]] = []
     models: list[nn.Module] = []
+    n_sel = n_eval = 0
     for lr, wd, ep, wu, seed in itertools.product(base_lrs, weight_decays, epochs, warmup_epochs,
                                                   seeds):
         model = train_probe(fit_x, fit_y, n_cls, depth=depth, hidden=hidden, optimizer=optimizer,
                             base_lr=lr, weight_decay=wd, momentum=momentum,
-                            batch_size=batch_size, epochs=ep, warmup_epochs=wu, seed=seed)
-        sel_acc, sel_loss = _score(model, sel_x, sel_y)
+                            batch_size=batch_size, epochs=ep, warmup_epochs=wu, seed=seed,
+                            shard=fit_shard)
+        sel_acc, sel_loss, n_sel = _score(model, sel_x, sel_y, shard.group)
         sel_loss = sel_loss if math.isfinite(sel_loss) else math.inf  # a diverged run ranks last
-        eval_acc = sel_acc if selection == "eval" else _score(model, test_x, test_y)[0]
+        eval_acc, _, n_eval = (sel_acc, sel_loss, n_sel) if selection == "eval" else \
+            _score(model, test_x, test_y, shard.group)
         runs.append({"base_lr": lr, "weight_decay": wd, "epochs": ep, "warmup_epochs": wu,
                      "seed": seed, "selection_accuracy": sel_acc, "selection_loss": sel_loss,
                      "eval_accuracy": eval_acc})
         if keep_best:
             models.append(model)
+        if on_run is not None:
+            on_run()
     order = sorted(range(len(runs)), key=lambda i: (-runs[i]["selection_accuracy"],
                                                     runs[i]["selection_loss"]))
     best = order[:top]
@@ -238,13 +310,13 @@ def probe_grid(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
         "optimizer": "timm.optim.Lars (MAE split)" if optimizer == "lars" else "SGD",
         "momentum": momentum, "lr_rule": "base_lr * batch_size / 256",
         "schedule": "per-step linear warm-up, then cosine decay to 0",
-        "batch_size": min(batch_size, fit_x.shape[0]),
+        "batch_size": min(batch_size, fit_shard.n),
         "grid": {"base_lr": list(base_lrs), "weight_decay": list(weight_decays),
                  "epochs": list(epochs), "warmup_epochs": list(warmup_epochs),
                  "seed": list(seeds)},
         "top": top, "std": "sample (ddof=1) over the selected runs",
-        "selection": selection, "n_fit": int(fit_x.shape[0]), "n_selection": int(sel_x.shape[0]),
-        "n_eval": int(test_x.shape[0]), "num_classes": n_cls,
+        "selection": selection, "n_fit": fit_shard.n, "n_selection": n_sel, "n_eval": n_eval,
+        "num_classes": n_cls,
     }
     if selection == "holdout":
         protocol.update(holdout=holdout, split_seed=split_seed,
@@ -272,6 +344,7 @@ class ProbeEvaluator(Evaluator):
     concatenated (seeds 003 Fig. 2a, 2c, 5)."""
 
     params: LinearProbeParams
+    distributed = True  # DDP over the ranks' shares of the cached features
 
     def __init__(self, params: LinearProbeParams | None = None, name: str | None = None) -> None:
         mlp = isinstance(params, MlpProbeParams)
@@ -283,6 +356,22 @@ class ProbeEvaluator(Evaluator):
             splits=(p.train_split, p.eval_split),
             reductions=(p.reduction,) if p.reduction else None,
             layers=cached_layers(None if isinstance(p.layers, str) else p.layers, p.group))
+
+    def describe(self) -> str:
+        p = self.params
+        grid = self._grid_size()
+        inputs = f"layers {p.layers}" if not isinstance(p.layers, str) else \
+            {"last": "the last layer", "all": "every layer"}[p.layers] + \
+            (f" of group '{p.group}'" if p.group else "")
+        return (f"probes of depth {', '.join(map(str, self.depths))} on {inputs}: {grid} runs "
+                f"each ({p.optimizer}, up to {max(p.epochs)} epochs, batch {p.batch_size}), "
+                f"best {p.top} by {p.selection}")
+
+    def _grid_size(self) -> int:
+        """Probe runs per input and depth: the points of the hyper-parameter grid."""
+        p = self.params
+        return math.prod(len(v) for v in (p.base_lrs, p.weight_decays, p.epochs,
+                                          p.warmup_epochs, p.seeds))
 
     def _inputs(self, ctx: EvalContext, model: str) -> list[list[str]]:
         """Each probe's input as the list of layers whose features are concatenated."""
@@ -306,6 +395,14 @@ class ProbeEvaluator(Evaluator):
         p = self.params
         train_y, eval_y = ctx.labels(p.train_split), ctx.labels(p.eval_split)
         n_cls = int(max(int(train_y.max()), int(eval_y.max()))) + 1
+        shard = None
+        if ctx.group is not None:  # this rank's rows; the held-out part drawn from all labels
+            import torch.distributed as dist
+
+            shard = ProbeShard(ctx.local_index(p.train_split), train_y, ctx.group,
+                               dist.new_group(backend="gloo"))
+        local_train_y, local_eval_y = (ctx.local_labels(s) for s in (p.train_split,
+                                                                       p.eval_split))
         rows: list[list[Any]] = []
         run_rows: list[list[Any]] = []
         notes: list[str] = []
@@ -317,9 +414,13 @@ class ProbeEvaluator(Evaluator):
                      "warmup_epochs": p.warmup_epochs, "seed": p.seeds}}
         tensors: dict[str, torch.Tensor] = {}
         labels_of: dict[str, list[str]] = {}  # input labels per model: rows of the tensors
-        for model in resolve_models(ctx, p.models, self.name):
+        inputs_of = {model: self._inputs(ctx, model)
+                     for model in resolve_models(ctx, p.models, self.name)}
+        grid = self._grid_size()
+        progress = ctx.progress(sum(map(len, inputs_of.values())) * len(self.depths) * grid,
+                                "probe runs")
+        for model, inputs in inputs_of.items():
             results[model] = {}
-            inputs = self._inputs(ctx, model)
             if not inputs:
                 notes.append(f"{model}: skipped, no layer group '{p.group}'")
             labels_of[model] = ["+".join(layers) for layers in inputs]
@@ -329,23 +430,32 @@ class ProbeEvaluator(Evaluator):
             for n, layers in enumerate(inputs):
                 label = "+".join(layers)
                 try:
-                    tr = torch.cat([ctx.features(model, la, p.train_split, p.reduction)
+                    tr = torch.cat([ctx.local_features(model, la, p.train_split, p.reduction)
                                     for la in layers], 1)
-                    ev = torch.cat([ctx.features(model, la, p.eval_split, p.reduction)
+                    ev = torch.cat([ctx.local_features(model, la, p.eval_split, p.reduction)
                                     for la in layers], 1)
+                    missing = None
                 except MISSING as exc:
-                    notes.append(f"{model} {label}: skipped ({exc})")
+                    missing = f"{model} {label}: skipped ({exc})"
+                missing = first_of_ranks(missing, ctx.group)
+                if missing is not None:
+                    notes.append(missing)
+                    progress.update(len(self.depths) * grid)
                     continue
                 results[model][label] = {}
                 for d, depth in enumerate(self.depths):
                     res = probe_grid(
-                        tr.to(p.device), train_y, ev.to(p.device), eval_y, depth=depth,
-                        hidden=getattr(p, "hidden", None), optimizer=p.optimizer,
+                        tr.to(p.device), local_train_y, ev.to(p.device), local_eval_y,
+                        depth=depth, hidden=getattr(p, "hidden", None), optimizer=p.optimizer,
                         base_lrs=tuple(p.base_lrs), weight_decays=tuple(p.weight_decays),
                         momentum=p.momentum, batch_size=p.batch_size, epochs=tuple(p.epochs),
                         warmup_epochs=tuple(p.warmup_epochs), seeds=tuple(p.seeds), top=p.top,
                         selection=p.selection, holdout=p.holdout, split_seed=ctx.seed,
-                        num_classes=n_cls)
+                        num_classes=n_cls, shard=shard, on_run=progress.update)
+                    if res.protocol["n_eval"] != eval_y.numel():  # every example once
+                        raise RuntimeError(f"{self.name}: scored {res.protocol['n_eval']} "
+                                           f"examples of the {eval_y.numel()} of split "
+                                           f"'{p.eval_split}'")
                     grid_protocol = {k: v for k, v in res.protocol.items()
                                      if k not in ("depth", "hidden", "n_fit", "n_selection",
                                                   "n_eval", "architecture")}
@@ -396,8 +506,7 @@ class ProbeEvaluator(Evaluator):
                 ax.bar(xs, ys, w, yerr=es, capsize=2, label=name)
             ax.set_xticks(range(len(inputs)))
             ax.set_xticklabels(inputs, rotation=45, ha="right", fontsize=7)
-            n_grid = math.prod(len(v) for v in (p.base_lrs, p.weight_decays, p.epochs,
-                                                p.warmup_epochs, p.seeds))
+            n_grid = self._grid_size()
             ax.set_ylabel(f"eval accuracy (mean ± std of best {min(p.top, n_grid)})")
             ax.set_title(self.name)
             ax.legend(fontsize=7)
