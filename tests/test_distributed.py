@@ -63,6 +63,26 @@ def test_the_batch_plan_gives_every_example_to_exactly_one_rank(n: int, unit: in
             assert len(order) == plan_counts(n, unit, mb, 4)[0]
 
 
+@pytest.mark.parametrize("n,batch", [(61, 16), (10, 4), (7, 7)])
+def test_each_training_step_takes_the_single_process_minibatch_across_ranks(n: int,
+                                                                           batch: int) -> None:
+    from repsim.training import GlobalBatchSampler, Shard
+
+    def epoch(shard: Shard) -> list[torch.Tensor]:
+        return list(GlobalBatchSampler(shard, batch)(torch.Generator().manual_seed(3)))
+
+    single = epoch(Shard.whole(n))
+    assert len(single) == n // batch and all(len(b) == batch for b in single)
+    for size in range(2, 5):
+        shares = [torch.tensor(rank_positions(n, 3, World(r, size)), dtype=torch.long)
+                  for r in range(size)]
+        steps = [epoch(Shard(share, n)) for share in shares]
+        assert all(len(s) == len(single) for s in steps)  # every rank takes every step
+        for i, rows in enumerate(single):  # the ranks' rows of a step: that minibatch, no repeat
+            union = torch.cat([shares[r][steps[r][i]] for r in range(size)])
+            assert sorted(union.tolist()) == sorted(rows.tolist())
+
+
 def test_the_unit_is_whole_minibatches_of_every_metric() -> None:
     assert batch_unit([32, 48], 256) == 96 and batch_unit([], 20) == 20
 
