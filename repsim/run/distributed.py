@@ -5,7 +5,8 @@ built once from the seed: the split's sampled examples in order, cut into *units
 estimator minibatches of every streaming metric), and rank r takes units ``r::W`` — no padding,
 no example twice, no collective per batch. At the end of a pass every rank's sink states go to
 rank 0 once, which merges them in plan order, checks the counters against the plan, and writes
-the results; evaluators run there, on the feature cache every rank wrote with global positions.
+the results. Evaluators marked distributed run on every rank over its share of the feature
+cache (``repsim.run.evaluate``); the others run on rank 0 over the merged cache.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def process_group(world: World, device: torch.device) -> Iterator[Any]:
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":  # nccl's device, and what an evaluator's device "cuda" means
+        import torch
+
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=os.environ.get(INIT_METHOD_ENV, "env://"),
                             rank=world.rank, world_size=world.size)
     try:
