@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from repsim.errors import RecipeError
 from repsim.recipe import Recipe
 
@@ -67,24 +69,24 @@ def stand_in_model(label: str, model: dict[str, Any]) -> tuple[dict[str, Any], s
         objective = _objective(label) or _objective(str(params.get("run", "")))
         if objective:
             return {"model": f"minizoo_{objective}_ft", "params": {"preset": "tiny"}, **keep}, \
-                f"minizoo_{objective}_ft"
+                f"minizoo_{objective}_ft (tiny)"
     elif name.startswith("resnet"):
         return {"model": "timm", "params": {"arch": "resnet10t", "kwargs": {"num_classes": 0},
                                             "preprocess": _CNN_32PX}, **keep}, \
-            "untrained timm resnet10t (no miniature of this method)"
+            "untrained timm resnet10t at 32 px (the minizoo has no CNN)"
     elif name.startswith("convnext"):
         return {"model": "timm", "params": {"arch": "convnextv2_atto",
                                             "kwargs": {"num_classes": 0},
                                             "preprocess": _CNN_32PX}, **keep}, \
-            "untrained timm convnextv2_atto (no miniature of this method)"
+            "untrained timm convnextv2_atto at 32 px (the minizoo has no CNN)"
     else:
         objective = _objective(name)
         if objective:
             suffix = "_ft" if name.endswith("_ft") else ""
             return {"model": f"minizoo_{objective}{suffix}", "params": {"preset": "tiny"},
-                    **keep}, f"minizoo_{objective}{suffix}"
+                    **keep}, f"minizoo_{objective}{suffix} (tiny)"
     return {"model": "minizoo_untrained", "params": {"preset": "tiny"}, **keep}, \
-        "minizoo_untrained (no miniature of this method)"
+        "minizoo_untrained (tiny; no miniature of this training method)"
 
 
 def _dataset(dataset: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -198,4 +200,7 @@ def stand_in(recipe: Recipe) -> tuple[Recipe, list[str]]:
     lines.append(f"run: examples {run['examples']}, train_examples {run['train_examples']}, "
                  f"bootstrap {run['bootstrap']}, probes {PROBE_EPOCHS} epochs, detector "
                  f"{DETECTOR['steps']} steps at {DETECTOR['image_size']} px")
-    return Recipe.model_validate(raw), lines
+    try:
+        return Recipe.model_validate(raw), lines
+    except ValidationError as exc:  # a recipe part the rehearsal does not know how to shrink
+        raise RecipeError(f"--stand-ins could not rehearse this recipe: {exc}") from None
