@@ -19,7 +19,9 @@ $(BIN)/.installed: pyproject.toml $(PLUGINS)
 
 install: $(BIN)/.installed
 
+# The zoo first, one model per core side by side (a no-op once cached), then the study.
 run: $(BIN)/.installed
+	$(BIN)/repsim minizoo train
 	$(BIN)/repsim run recipes/mini.toml
 
 test: $(BIN)/.installed

@@ -7,6 +7,7 @@ reported as it was measured, whether it holds or not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,39 @@ if TYPE_CHECKING:
 
 JE = ("mocov3", "dino", "msn")  # joint-embedding objectives
 REDUCTIONS = ("cls", "gap", "gap_no_cls")
-HOLDS, FAILS = "holds", "does not hold"
+HOLDS, FAILS, UNRESOLVED = "holds", "does not hold", "not resolved"
+
+
+class Margin:
+    """How far an observation's rule is met: positive when it holds, with the bootstrap
+    draws of the same quantity (minibatches resampled jointly for every model pair)."""
+
+    def __init__(self, value: float, draws: torch.Tensor | None, confidence: float) -> None:
+        self.value, self.draws, self.confidence = value, draws, confidence
+
+    def interval(self) -> tuple[float, float] | None:
+        import torch
+
+        if self.draws is None:
+            return None
+        alpha = (1 - self.confidence) / 2
+        lo, hi = torch.quantile(self.draws, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+        return float(lo), float(hi)
+
+    def verdict(self) -> str:
+        """Holds or not when the interval is on one side of zero; ``not resolved`` when the
+        difference is within the minibatch noise; the sign alone without an interval."""
+        ci = self.interval()
+        if ci is None:
+            return verdict(self.value > 0)
+        return HOLDS if ci[0] > 0 else FAILS if ci[1] < 0 else UNRESOLVED
+
+    def text(self) -> str:
+        ci = self.interval()
+        shown = f"margin {self.value:+.3f}"
+        if ci is None:
+            return shown + " (no interval: set run.bootstrap to keep per-minibatch terms)"
+        return shown + f" ({self.confidence:.0%} bootstrap interval {ci[0]:+.3f} … {ci[1]:+.3f})"
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
@@ -43,6 +76,24 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 def verdict(ok: bool) -> str:
     return HOLDS if ok else FAILS
+
+
+def _amin(values: list[Any]) -> Any:
+    import torch
+
+    return torch.stack(values).amin(0)
+
+
+def _amax(values: list[Any]) -> Any:
+    import torch
+
+    return torch.stack(values).amax(0)
+
+
+def _mean(values: list[Any]) -> Any:
+    import torch
+
+    return torch.stack(values).mean(0)
 
 
 class PaperObservations(Evaluator):
@@ -70,6 +121,16 @@ class PaperObservations(Evaluator):
 
     def diag(self, ctx: EvalContext, a: str, b: str, group: str) -> float | None:
         """Mean CKA of same-depth layers of ``group`` in models ``a`` and ``b`` (None if absent)."""
+        found = self.same_depth(ctx, a, b, group)
+        return None if found is None else found[0]
+
+    def same_depth(self, ctx: EvalContext, a: str, b: str, group: str
+                   ) -> tuple[float, torch.Tensor | None] | None:
+        """:meth:`diag` and its bootstrap draws ``[resamples]`` (None without per-minibatch
+        terms). One seed for every pair: the resampled minibatches are the same for all of
+        them, so differences between pairs get joint draws."""
+        import torch
+
         ga, gb = ctx.groups(a).get(group), ctx.groups(b).get(group)
         if not ga or not gb or len(ga) != len(gb):
             return None
@@ -77,10 +138,31 @@ class PaperObservations(Evaluator):
             res = ctx.similarity(self.p.metric, a, b)
         except (FeatureError, LookupError):
             return None
-        vals = [float(res.values[res.rows.index(x), res.cols.index(y)]) for x, y in zip(ga, gb)]
-        defined = [v for v in vals if v == v]  # NaN: a layer with constant features
-        self.undefined += len(vals) - len(defined)
-        return sum(defined) / len(defined) if defined else None
+        ri, ci = [res.rows.index(x) for x in ga], [res.cols.index(y) for y in gb]
+        vals = res.values[ri, ci]
+        defined = ~vals.isnan()  # NaN: a layer with constant features
+        self.undefined += int((~defined).sum())
+        if not defined.any():
+            return None
+        draws = None
+        if self.p.resamples and res.terms is not None \
+                and sum(c.shape[0] for c in res.terms.batch_cross) >= 2:
+            from repsim.metrics.inference import bootstrap_distribution
+
+            dist = bootstrap_distribution(res, self.p.resamples, seed=ctx.seed)[:, ri, ci]
+            draws = dist[:, defined].nanmean(1)
+        return float(vals[defined].mean()), draws
+
+    def margin(self, parts: list[tuple[float, torch.Tensor | None]],
+               rule: Callable[[list[Any]], Any]) -> Margin:
+        """``rule`` applied to the point values and, where every part has draws, to the draws
+        (elementwise over resamples)."""
+        import torch
+
+        value = float(rule([torch.tensor(v, dtype=torch.float64) for v, _ in parts]))
+        have = all(d is not None for _, d in parts)
+        draws = rule([d for _, d in parts]) if have and parts else None
+        return Margin(value, draws, self.p.confidence)
 
     def knn_table(self, ctx: EvalContext, models: dict[str, str]
                   ) -> dict[str, dict[str, list[float]]]:
@@ -93,6 +175,30 @@ class PaperObservations(Evaluator):
                                           ctx.features(label, layer, "eval", r), eval_y, self.p.k)
                              for layer in blocks] for r in REDUCTIONS}
         return out
+
+    def layer_type_reason(self, ctx: EvalContext, roles: dict[str, str], types: list[str]
+                          ) -> str:
+        """Observation 2's most likely reason, measured in this run: how much of each layer
+        type is still the shared initialisation (CKA of the pretrained models with the
+        untrained control they all started from)."""
+        if "untrained" not in roles:
+            return ""
+        trained = [r for r in (*JE, "mae") if r in roles]
+        rows = []
+        for g in types:
+            vals = [self.diag(ctx, roles[r], roles["untrained"], g) for r in trained]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                rows.append([g, sum(vals) / len(vals)])
+        if not rows:
+            return ""
+        shown = ", ".join(f"{g} {v:.3f}" for g, v in rows)
+        return ("\nMost likely reason (plugins/repsim-minizoo/README.md, \"The layer-type "
+                "finding\", measures the candidates): every zoo model starts from one shared "
+                "initialisation and trains for minutes, so each layer type stays close to it — "
+                f"same-depth CKA of the pretrained models with the untrained control: {shown}. "
+                "What the objectives change is a small part of each layer's similarity "
+                "structure, so no layer type stands out.\n\n")
 
     # --------------------------------------------------------------- the observations
 
@@ -113,19 +219,23 @@ class PaperObservations(Evaluator):
         # 1. Joint-embedding pairs are more similar to each other than to MAE (Fig. 1).
         title = "Joint-embedding models are more similar to each other than to MAE"
         if len(je) >= 2 and "mae" in roles:
-            rows = [[a, b, self.diag(ctx, roles[a], roles[b], p.blocks)]
-                    for a, b in [*combinations(je, 2), *((j, "mae") for j in je)]]
+            pairs = [*combinations(je, 2), *((j, "mae") for j in je)]
+            found = {pair: self.same_depth(ctx, roles[pair[0]], roles[pair[1]], p.blocks)
+                     for pair in pairs}
+            rows = [[a, b, f[0] if f else None] for (a, b), f in found.items()]
             tables["cka_pairs"] = (["model A", "model B", f"CKA ({p.blocks}, same-depth mean)"],
                                    rows)
-            je_je = [r[2] for r in rows if "mae" not in r[:2] and r[2] is not None]
-            je_mae = [r[2] for r in rows if "mae" in r[:2] and r[2] is not None]
+            je_je = [f for (a, b), f in found.items() if "mae" not in (a, b) and f]
+            je_mae = [f for (a, b), f in found.items() if "mae" in (a, b) and f]
             if je_je and je_mae:
-                v = verdict(min(je_je) > max(je_mae))
-                ev = (f"lowest JE–JE CKA {min(je_je):.3f} vs highest JE–MAE CKA "
-                      f"{max(je_mae):.3f}")
-                findings.append((title, v, ev))
-                sections.append(f"## 1. {title}: {v}\n\nRule: every JE–JE pair above every "
-                                f"JE–MAE pair (mean CKA of same-depth blocks). {ev}.\n\n"
+                n = len(je_je)
+                m = self.margin([*je_je, *je_mae], lambda v: _amin(v[:n]) - _amax(v[n:]))
+                ev = (f"lowest JE–JE CKA {min(f[0] for f in je_je):.3f} vs highest JE–MAE CKA "
+                      f"{max(f[0] for f in je_mae):.3f}; {m.text()}")
+                findings.append((title, m.verdict(), ev))
+                sections.append(f"## 1. {title}: {m.verdict()}\n\nRule: every JE–JE pair above "
+                                f"every JE–MAE pair (mean CKA of same-depth blocks); margin = "
+                                f"lowest JE–JE − highest JE–MAE. {ev}.\n\n"
                                 + records_table(*tables["cka_pairs"]) + "\n")
             else:
                 missing(title, f"'{p.metric}' results for the '{p.blocks}' group")
@@ -136,23 +246,29 @@ class PaperObservations(Evaluator):
         title = "The difference is concentrated in attention and normalisation layers"
         types = [*p.attention_groups, p.mlp_group]
         if je and "mae" in roles:
-            rows = []
+            rows, by = [], {}
             for g in types:
-                vals = [self.diag(ctx, roles[j], roles["mae"], g) for j in je]
-                vals = [v for v in vals if v is not None]
+                vals = [f for j in je if (f := self.same_depth(ctx, roles[j], roles["mae"], g))]
                 jj = [self.diag(ctx, roles[a], roles[b], g) for a, b in combinations(je, 2)]
                 jj = [v for v in jj if v is not None]
-                rows.append([g, sum(vals) / len(vals) if vals else None,
+                if vals:  # the JE–MAE mean over JE models, with its draws
+                    by[g] = (sum(v for v, _ in vals) / len(vals),
+                             _mean([d for _, d in vals]) if all(d is not None for _, d in vals)
+                             else None)
+                rows.append([g, by[g][0] if g in by else None,
                              sum(jj) / len(jj) if jj else None])
             tables["cka_by_layer_type"] = (["layer type", "CKA JE–MAE", "CKA JE–JE"], rows)
-            by = {r[0]: r[1] for r in rows}
-            if all(by[g] is not None for g in types):
-                ok = all(by[g] < by[p.mlp_group] for g in p.attention_groups)
-                ev = ", ".join(f"{g} {by[g]:.3f}" for g in types) + " (JE–MAE, same-depth mean)"
-                findings.append((title, verdict(ok), ev))
-                sections.append(f"## 2. {title}: {verdict(ok)}\n\nRule: JE–MAE CKA of each of "
-                                f"{', '.join(p.attention_groups)} below that of {p.mlp_group}. "
-                                f"{ev}.\n\n" + records_table(*tables["cka_by_layer_type"]) + "\n")
+            if all(g in by for g in types):
+                k = len(p.attention_groups)
+                m = self.margin([by[g] for g in types], lambda v: v[k] - _amax(v[:k]))
+                ev = (", ".join(f"{g} {by[g][0]:.3f}" for g in types)
+                      + f" (JE–MAE, same-depth mean); {m.text()}")
+                findings.append((title, m.verdict(), ev))
+                why = "" if m.verdict() == HOLDS else self.layer_type_reason(ctx, roles, types)
+                sections.append(f"## 2. {title}: {m.verdict()}\n\nRule: JE–MAE CKA of each of "
+                                f"{', '.join(p.attention_groups)} below that of {p.mlp_group}; "
+                                f"margin = {p.mlp_group} − the highest of the others. {ev}.\n\n"
+                                + records_table(*tables["cka_by_layer_type"]) + "\n" + why)
             else:
                 missing(title, f"layer groups {types} with '{p.metric}' results")
         else:
@@ -197,13 +313,17 @@ class PaperObservations(Evaluator):
                      self.diag(ctx, roles["mae_ft"], roles["mocov3"], g)]
                     for g in [p.blocks, *types]]
             tables["finetuning"] = (["layers", "CKA MAE–MoCo-v3", "CKA MAE(ft)–MoCo-v3"], rows)
-            before, after = rows[0][1], rows[0][2]
+            before = self.same_depth(ctx, roles["mae"], roles["mocov3"], p.blocks)
+            after = self.same_depth(ctx, roles["mae_ft"], roles["mocov3"], p.blocks)
             if before is not None and after is not None:
-                ev = f"{p.blocks}: {before:.3f} before, {after:.3f} after fine-tuning"
-                findings.append((title, verdict(after > before), ev))
-                sections.append(f"## 4. {title}: {verdict(after > before)}\n\nRule: same-depth "
-                                f"CKA with pretrained MoCo-v3 rises after fine-tuning. {ev}.\n\n"
-                                + records_table(*tables["finetuning"]) + "\n")
+                m = self.margin([after, before], lambda v: v[0] - v[1])
+                ev = (f"{p.blocks}: {before[0]:.3f} before, {after[0]:.3f} after fine-tuning; "
+                      f"{m.text()}")
+                findings.append((title, m.verdict(), ev))
+                sections.append(f"## 4. {title}: {m.verdict()}\n\nRule: same-depth CKA with "
+                                f"pretrained MoCo-v3 rises after fine-tuning; margin = after − "
+                                f"before. {ev}.\n\n" + records_table(*tables["finetuning"])
+                                + "\n")
             else:
                 missing(title, f"'{p.metric}' results for the '{p.blocks}' group")
         else:

@@ -32,6 +32,10 @@ class ObservationsParams(BaseModel):
     mlp_group: str = "mlp_fc1"
     k: int = Field(20, ge=1, description="neighbours of the k-NN (the seeds use 20)")
     knn_gap: float = Field(0.05, gt=0, description="k-NN accuracy gap that counts as diverged")
+    resamples: int = Field(1000, ge=0, description="bootstrap resamples of each CKA observation's "
+                           "margin (minibatches resampled jointly for every model pair; needs "
+                           "run.bootstrap > 0, which keeps the per-minibatch terms); 0: none")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the margins' intervals")
     roles: dict[str, str] = Field(default_factory=dict,
                                   description="objective role (mocov3, mae_ft, ...) → model label, "
                                               "for models not registered as minizoo_*")
@@ -95,6 +99,8 @@ def _train_side_by_side(wanted: list[tuple[str, bool]], preset: str, seed: int,
     longest = max(sum(zoo.training_cost(*e, preset) for e in part) for part in dealt)
     click.echo(f"training {sum(map(len, dealt))} zoo models in {n} processes, one thread each "
                f"(about {longest / 60:.0f} min on a 2-core reference machine)", err=True)
+    # Training pins one thread; saying so to torchrun's launcher also silences its warning.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     code = launch_local(n, ["minizoo", "train", "--preset", preset, "--seed", str(seed),
                             "--deal", _format_deal(dealt)])
     if code:

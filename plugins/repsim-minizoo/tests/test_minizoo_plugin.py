@@ -139,3 +139,46 @@ def test_undefined_cka_values_are_left_out_and_said() -> None:
     # norm1 of mocov3–mae, dino–mae (JE–MAE) and mocov3–dino (JE–JE)
     assert res.data["undefined_cka_values_left_out"] == 3
     assert "undefined CKA values" in res.data["report_md"] and "nan" not in res.data["report_md"]
+
+
+class BootstrapContext(FakeContext):
+    """CKA results with per-minibatch terms: each pair's value is the mean of its batches'
+    (self terms of 1), JE–JE batches drawn around ``je`` and JE–MAE around ``mae``."""
+
+    def __init__(self, je: float, mae: float, spread: float, batches: int = 12) -> None:
+        super().__init__(["mocov3", "dino", "msn", "mae"], depth=2)
+        self.je, self.mae, self.spread, self.batches = je, mae, spread, batches
+
+    def similarity(self, metric: str, a: str, b: str) -> SimilarityResult:
+        from repsim.metrics.base import PairTerms
+
+        layers = self.layers(a)
+        n, big = len(layers), ("mae" not in a and "mae" not in b)
+        centre = self.je if big else self.mae
+        g = torch.Generator().manual_seed(sum(map(ord, a + b)))  # fixed per pair
+        noise = self.spread * (2 * torch.rand(self.batches, generator=g) - 1)
+        cross = (centre + noise).double()[:, None, None].expand(self.batches, n, n).clone()
+        ones = torch.ones(self.batches, n, dtype=torch.float64)
+        terms = PairTerms(cross.sum(0), ones.sum(0), ones.sum(0), self.batches, 32 * self.batches,
+                          [cross], [ones], [ones])
+        return SimilarityResult(cross.mean(0), layers, layers, metric, terms=terms)
+
+
+def test_observation_margins_carry_bootstrap_intervals() -> None:
+    clear = _evaluate(BootstrapContext(je=0.9, mae=0.4, spread=0.05))
+    first = clear.data["observations"][0]
+    assert first["verdict"] == "holds" and "bootstrap interval" in first["measured"]
+    # the margin is lowest JE–JE − highest JE–MAE, about 0.5 with tight minibatch noise
+    lo, hi = (float(x) for x in first["measured"].split("interval ")[1].rstrip(")").split(" … "))
+    assert 0.35 < lo < hi < 0.6
+    # a difference smaller than the minibatch noise is not read as holding, nor as failing
+    noisy = _evaluate(BootstrapContext(je=0.5, mae=0.4, spread=0.6))
+    assert noisy.data["observations"][0]["verdict"] == "not resolved"
+    reversed_ = _evaluate(BootstrapContext(je=0.3, mae=0.8, spread=0.05))
+    assert reversed_.data["observations"][0]["verdict"] == "does not hold"
+
+
+def test_without_per_minibatch_terms_the_sign_decides_and_says_so() -> None:
+    res = _evaluate(FakeContext(["mocov3", "dino", "mae"]))
+    first = res.data["observations"][0]
+    assert first["verdict"] == "holds" and "no interval: set run.bootstrap" in first["measured"]
