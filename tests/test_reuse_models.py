@@ -3,6 +3,7 @@ nothing, and either way the result files are those of a fresh run of the final r
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -112,4 +113,20 @@ def test_changing_pairs_or_bootstrap_forwards_nothing(tmp_path: Path, forwarded)
     forwarded.clear()
     execute(changed, run)
     assert forwarded == []
+    assert digest(run) == digest(fresh)
+
+
+def test_a_run_adding_a_model_killed_mid_pass_resumes_to_the_fresh_files(tmp_path: Path) -> None:
+    from test_run_device import KILLER
+
+    abc = write(tmp_path, "abc", "abc.toml")
+    abc.write_text(abc.read_text().replace("bootstrap = 20",
+                                           "bootstrap = 20\ncheckpoint_every = 1"))
+    fresh = execute(abc, tmp_path / "fresh")
+    run = execute(write(tmp_path, "ab", "ab.toml"), tmp_path / "run")
+    killed = subprocess.run([sys.executable, KILLER, str(abc), str(run), "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert (run / "cache/eval/rank0/models/c/progress.json").exists()  # c's pass half done
+    execute(abc, run)
     assert digest(run) == digest(fresh)

@@ -184,7 +184,8 @@ class CkaDepthParams(_Params):
                                                                   "unordered pair of models")
     group: str | None = Field(None, description="restrict both models to one layer group (e.g. "
                                                 "'blocks')")
-    bins: int = Field(10, ge=1, description="equal-width bins of relative-depth distance over [0, 1)")
+    bins: int = Field(10, ge=1, description="equal-width bins of relative-depth distance over "
+                                            "[0, 1)")
 
 
 class AttentionParams(_Params):
