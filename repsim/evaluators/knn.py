@@ -4,6 +4,10 @@ Features are L2-normalised; each query's k most cosine-similar training examples
 label with weight exp(sim / T); the class with the largest total wins. Similarities are formed
 one block at a time (queries × training examples) so memory stays bounded for any train size;
 the block GEMM dominates the time (``benchmarks/bench_knn.py``).
+
+Neighbours are ordered by similarity, then by example index: a total order, so lists cut into
+blocks, or into the shares of several processes (:func:`knn_neighbours` with a process group),
+merge into exactly the lists of one process.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ def _blocks(n_query: int, n_train: int, k: int, memory_mb: float) -> tuple[int, 
 def _topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row and their columns; among equal values at the k-th place
     the lowest columns (``torch.topk`` picks any of them)."""
-    vals, cols = sim.topk(k, dim=1)
-    kth = vals[:, -1:]
-    # Rows whose k-th value ties with a value left out: a stable sort takes the lowest columns.
-    cut = ((sim == kth).sum(1) > (vals == kth).sum(1)).nonzero().squeeze(1)
+    if k >= sim.shape[1]:  # the whole row: nothing is left out
+        return sim.topk(k, dim=1)
+    vals, cols = sim.topk(k + 1, dim=1)
+    # Rows whose first value left out equals the k-th: a stable sort takes the lowest columns.
+    cut = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
+    vals, cols = vals[:, :k].contiguous(), cols[:, :k].contiguous()
     if cut.numel():
         v, c = sim[cut].sort(dim=1, descending=True, stable=True)
         vals[cut], cols[cut] = v[:, :k], c[:, :k]
