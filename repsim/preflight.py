@@ -266,9 +266,18 @@ def model_costs(checked: CheckedRecipe) -> dict[str, ModelCost]:
     from torch.utils.flop_counter import FlopCounterMode
 
     costs: dict[str, ModelCost] = {}
+    counted: dict[tuple[Any, ...], ModelCost] = {}  # one forward per distinct structure
     for label, sk in checked.skeletons.items():
         crop = sk.preprocess.crop
         if crop is None:
+            continue
+        signature = (type(sk.module).__name__, crop, sk.preprocess.channels,
+                     checked.recipe.reduce_of(label), sk.family, sk.num_prefix_tokens,
+                     tuple((n, tuple(t.shape)) for n, t in sk.module.named_parameters()))
+        if signature in counted:
+            costs[label] = counted[signature]
+            entry = checked.recipe.models[label]
+            _COUNTED[_entry_key(entry.model, entry.params)] = counted[signature].flops
             continue
         shapes: dict[str, tuple[int, ...]] = {}
 
@@ -296,7 +305,7 @@ def model_costs(checked: CheckedRecipe) -> dict[str, ModelCost]:
         reduce = checked.recipe.reduce_of(label)
         dims = {n: _width(s, reduce) for n, s in shapes.items()}
         block = shapes.get("blocks.0") if sk.family == "vit" else None
-        costs[label] = ModelCost(
+        costs[label] = counted[signature] = ModelCost(
             float(counter.get_total_flops()), dims, crop,
             tokens=block[0] if block and len(block) == 2 else None,
             prefix=sk.num_prefix_tokens, width=block[-1] if block else None)
