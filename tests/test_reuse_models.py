@@ -130,3 +130,20 @@ def test_a_run_adding_a_model_killed_mid_pass_resumes_to_the_fresh_files(tmp_pat
     assert (run / "cache/eval/rank0/models/c/progress.json").exists()  # c's pass half done
     execute(abc, run)
     assert digest(run) == digest(fresh)
+
+
+def test_two_ranks_add_a_model_to_the_fresh_run_files(tmp_path: Path) -> None:
+    from test_distributed import launch, wait
+
+    ab, abc = write(tmp_path, "ab", "ab.toml"), write(tmp_path, "abc", "abc.toml")
+    fresh, run = tmp_path / "fresh", tmp_path / "run"
+    for recipe, out, store in ((abc, fresh, "s0"), (ab, run, "s1")):
+        assert all(rc == 0 for rc, _ in wait(launch(recipe, out, 2, tmp_path / store))), out
+    kept = kernel_files(run, "a") | kernel_files(run, "b")
+    assert {p.name[:3] for p in kept} == {"000", "001"}  # both ranks' kernels
+    results = wait(launch(abc, run, 2, tmp_path / "s2"))
+    assert all(rc == 0 for rc, _ in results), results
+    assert kernel_files(run, "a") | kernel_files(run, "b") == kept
+    same = {k: v for k, v in digest(run).items() if k.startswith(("similarity", "tables"))}
+    assert same and same == {k: v for k, v in digest(fresh).items()
+                             if k.startswith(("similarity", "tables"))}
