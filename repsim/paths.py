@@ -65,15 +65,17 @@ def _read_config(path: Path) -> dict[str, str]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
         values = _PathsFile.model_validate(raw).model_dump(exclude_none=True)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"paths file {path}: malformed TOML: {exc}. Fix it or delete it.") from None
+        raise RecipeError(f"paths file {path}: malformed TOML: {exc}. Fix it or delete "
+                          "it.") from None
     except ValidationError as exc:
         bad = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
         raise RecipeError(
             f"paths file {path}: invalid entries ({bad}). It may hold only the strings "
-            f"{', '.join(loc.key for loc in LOCATIONS)}, e.g. imagenet = \"/data/imagenet\".") from None
-    # relative entries are relative to the file, not to wherever repsim happens to run
-    return {k: str((path.parent / Path(v).expanduser())) if not Path(v).expanduser().is_absolute()
-            else str(Path(v).expanduser()) for k, v in values.items()}
+            f"{', '.join(loc.key for loc in LOCATIONS)}, e.g. imagenet = "
+            "\"/data/imagenet\".") from None
+    # relative entries are relative to the file, not to wherever repsim happens to run (an
+    # absolute one stays as it is: joining it to a folder gives itself)
+    return {k: str(path.parent / Path(v).expanduser()) for k, v in values.items()}
 
 
 @dataclass(frozen=True)

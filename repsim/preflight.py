@@ -39,11 +39,12 @@ DEFAULT_CPU_BASIS = ("one thread of a ViT-B/16 forward, measured on the developm
                      "(run `repsim run recipes/paper.toml --stand-ins` once to measure "
                      "this one)")
 
-# Split sizes and classes of the datasets whose size cannot be read before the data is there.
-_SIZES: dict[str, tuple[dict[str, int], int, str]] = {
-    "imagefolder": ({"val": 50_000, "train": 1_281_167}, 1000, "ImageNet-1k"),
-    "digits": ({"val": 360, "train": 1437, "all": 1797}, 10, "digits"),
-    "coco": ({"val": 5000, "train": 118_287}, 80, "COCO 2017"),
+# Split sizes and classes of the datasets whose size cannot be read before the data is there:
+# an image folder is taken to be ImageNet-1k (the paper's), the others are what they are.
+_SIZES: dict[str, tuple[dict[str, int], int]] = {
+    "imagefolder": ({"val": 50_000, "train": 1_281_167}, 1000),
+    "digits": ({"val": 360, "train": 1437, "all": 1797}, 10),
+    "coco": ({"val": 5000, "train": 118_287}, 80),
 }
 
 
@@ -113,7 +114,9 @@ class Preflight:
             "Compute estimate (each figure's recipe run alone; the last row is this recipe, "
             "whose figures share one pass):", table,
             "Basis: forward FLOPs per image counted by torch's FlopCounterMode on each "
-            "architecture built on the meta device at its crop (no weights); training = "
+            "architecture built on the meta device at its crop (no weights); an image folder "
+            "taken as ImageNet-1k (1,281,167 train / 50,000 val images, 1000 classes) where "
+            "the recipe gives no number; training = "
             f"{TRAIN_FACTOR} forwards per example and step (probes, detectors); k-NN = one "
             "similarity per query and memory item. "
             f"CPU: {self.cpu_flops / 1e9:.0f} GFLOP/s ({self.cpu_basis}). GPU: {GPU_BASIS}. "
@@ -183,10 +186,9 @@ def _run_splits(checked: CheckedRecipe) -> list[str]:
     for resolved in checked.evaluators.values():
         if resolved is None or hasattr(resolved[1], "data"):
             continue
-        for name in ("train_split",):
-            split = getattr(resolved[1], name, None)
-            if isinstance(split, str) and split not in splits:
-                splits.append(split)
+        split = getattr(resolved[1], "train_split", None)
+        if isinstance(split, str) and split not in splits:
+            splits.append(split)
     return splits
 
 
@@ -323,7 +325,7 @@ def _width(shape: tuple[int, ...], reduce: str) -> int:
 def _split_size(recipe: Recipe, split: str, given: int | None) -> tuple[int, str | None]:
     if given is not None:
         return given, None
-    sizes, _, what = _SIZES.get(recipe.data.dataset, ({}, 0, recipe.data.dataset))
+    sizes = _SIZES.get(recipe.data.dataset, ({}, 0))[0]
     if split in sizes:
         return sizes[split], None
     return 0, f"the size of the '{split}' split is unknown before it is read: not counted"
@@ -354,7 +356,7 @@ def figure_estimate(name: str, fig: Recipe, checked: CheckedRecipe,
     if unknown:
         notes.append(f"not counted (no structure before the run): {', '.join(unknown)}")
     forward = sum(per_image.values()) * (val + train)
-    classes = _SIZES.get(fig.data.dataset, ({}, 1000, ""))[1]
+    classes = _SIZES.get(fig.data.dataset, ({}, 1000))[1]
     for e in fig.evaluators:
         resolved = checked.evaluators.get(e.key)
         if resolved is None:
@@ -399,8 +401,7 @@ def _finetune_cost(recipe: Path, run: str) -> tuple[float | None, float, str]:
                 cost = _forward_cost(part.skeleton(part.validate(ft.model.params)))
             except Exception:  # noqa: BLE001 - no structure without its files: the note says so
                 cost = None
-        images = ft.data.examples or _SIZES.get(ft.data.dataset, ({}, 0, ""))[0].get(
-            ft.data.split, 0)
+        images = ft.data.examples or _SIZES.get(ft.data.dataset, ({}, 0))[0].get(ft.data.split, 0)
         if cost is None or not images:
             return None, 0.0, f"made first by `repsim finetune {candidate.name}` (not counted)"
         epochs = ft.finetune.settings().epochs
@@ -545,8 +546,8 @@ def measure_cpu_throughput(threads: int | None = None) -> float:
     from repsim import store
 
     previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    used = threads or previous
+    torch.set_num_threads(used)
     try:
         model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
         x = torch.randn(4, 3, 224, 224)
@@ -559,7 +560,7 @@ def measure_cpu_throughput(threads: int | None = None) -> float:
         flops = 4 * counter.get_total_flops() / seconds
     finally:
         torch.set_num_threads(previous)
-    how = f"ViT-B/16 forward, batch 4, fp32, {torch.get_num_threads() if not threads else threads} thread(s)"
+    how = f"ViT-B/16 forward, batch 4, fp32, {used} thread(s)"
     store.write_json(_throughput_file(), {"flops": flops, "how": how,
                                           "when": time.strftime("%Y-%m-%d")})
     return flops

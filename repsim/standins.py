@@ -146,7 +146,8 @@ def _add_detector_vit(raw: dict[str, Any], depth: int) -> None:
     own = list(raw["models"])
     if raw["run"].get("pairs", "all") in ("all", "cross"):
         same = raw["run"].get("pairs", "all") == "all"
-        raw["run"]["pairs"] = [[a, b] for i, a in enumerate(own) for b in own[i if same else i + 1:]]
+        raw["run"]["pairs"] = [[a, b] for i, a in enumerate(own)
+                               for b in own[i if same else i + 1:]]
     raw["models"][DETECTOR_VIT] = {"model": "timm", "params": {
         "arch": "vit_tiny_patch16_224", "seed": 0, "kwargs": {**_RGB_VIT_KWARGS, "depth": depth},
         "preprocess": {"resize": 32, "crop": 32}}}
