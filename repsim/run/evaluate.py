@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from repsim import store
 from repsim.errors import RecipeError
-from repsim.run.cache import FeatureReader
+from repsim.run.cache import POSITIONS, FeatureReader
 from repsim.run.distributed import World
 from repsim.run.plan import EVAL
 
@@ -25,30 +25,22 @@ class RankReader(FeatureReader):
     """One rank's shards of the feature cache (``RANK-BATCH.safetensors``), in position order.
     A rank that got no batch of a split reads empty tensors shaped like the other ranks'."""
 
-    def __init__(self, cache_dir: Path, rank: int) -> None:
-        super().__init__(cache_dir)
-        self.rank = rank
-
-    def _all_shards(self, split: str) -> list[Path]:
-        return super()._shards(split)
+    def __init__(self, merged: FeatureReader, rank: int) -> None:
+        super().__init__(merged.cache_dir)
+        self.merged, self.rank = merged, rank  # the keys, and the shapes of an empty share
 
     def _shards(self, split: str) -> list[Path]:
-        return [p for p in self._all_shards(split) if p.name.startswith(f"{self.rank:03d}-")]
+        return [p for p in self.merged._shards(split) if p.name.startswith(f"{self.rank:03d}-")]
 
     def keys(self, split: str) -> list[str]:
-        if split not in self._keys:
-            from safetensors import safe_open
-
-            with safe_open(str(self._all_shards(split)[0]), framework="pt") as fh:
-                self._keys[split] = list(fh.keys())  # noqa: SIM118
-        return self._keys[split]
+        return self.merged.keys(split)
 
     def _cat(self, split: str, key: str) -> torch.Tensor:
         if self._shards(split):
             return super()._cat(split, key)
         from safetensors import safe_open
 
-        with safe_open(str(self._all_shards(split)[0]), framework="pt") as fh:
+        with safe_open(str(self.merged._shards(split)[0]), framework="pt") as fh:
             return fh.get_tensor(key)[:0]
 
 
@@ -66,7 +58,7 @@ class RunContext:
         self.seed = plan.recipe.run.seed
         self.say, self.name = say, name or evaluator.name
         self.rank, self.world_size, self.group = world.rank, world.size, group
-        self.local = RankReader(reader.cache_dir, world.rank) if world.distributed else reader
+        self.local = RankReader(reader, world.rank) if world.distributed else reader
 
     def layers(self, model: str) -> list[str]:
         return self._model(model).layers
@@ -97,8 +89,6 @@ class RunContext:
 
     def local_index(self, split: str = EVAL) -> torch.Tensor:
         """Positions in the split's sampled order: the rows of the merged reader."""
-        from repsim.run.cache import POSITIONS
-
         return self.local.read(split, POSITIONS, "positions")
 
     def progress(self, total: int, unit: str) -> Progress:
@@ -193,7 +183,7 @@ def follow_evaluators(plan: RunPlan, reader: FeatureReader, world: World, group:
     """A rank other than 0: run the distributed evaluators that rank 0 runs (those that read no
     similarity results), in its order, with it; rank 0 alone writes their results."""
     for key, ev in plan.evaluators.items():
-        if ev.access.similarity or not _shared(ev, world):
+        if not _shared(ev, world):
             continue
         if _decide(key, None, group):
             ev.evaluate(RunContext(plan, reader, {}, ev, lambda _: None, key, world, group))
