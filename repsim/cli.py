@@ -174,8 +174,10 @@ def run(recipe: str, out: Path | None, quiet: bool, force: bool, nproc: int, sta
             from repsim.preflight import measure_cpu_throughput
 
             flops = measure_cpu_throughput(checked.recipe.run.threads)
-            click.echo(f"this CPU: {flops / 1e9:.0f} GFLOP/s on a full-size ViT-B/16 forward "
-                       "(stored; `repsim validate` estimates CPU hours with it)", err=True)
+            if not quiet:
+                click.echo(f"this CPU: {flops / 1e9:.0f} GFLOP/s on a full-size ViT-B/16 "
+                           "forward (stored; `repsim validate` estimates CPU hours with it)",
+                           err=True)
         click.echo(f"results in {run_dir}/ (report/index.html, summary.md, tables/, figures/, "
                    "similarity/)")
 
