@@ -179,8 +179,9 @@ class PaperObservations(Evaluator):
     def layer_type_reason(self, ctx: EvalContext, roles: dict[str, str], types: list[str]
                           ) -> str:
         """Observation 2's most likely reason, measured in this run: how much of each layer
-        type is still the shared initialisation (CKA of the pretrained models with the
-        untrained control they all started from)."""
+        type's similarity structure any network of this shape has — the CKA of the pretrained
+        models with the untrained control (README, "The layer-type finding", measures the
+        other candidates: token reduction, initialisation, training length, attention)."""
         if "untrained" not in roles:
             return ""
         trained = [r for r in (*JE, "mae") if r in roles]
@@ -193,12 +194,14 @@ class PaperObservations(Evaluator):
         if not rows:
             return ""
         shown = ", ".join(f"{g} {v:.3f}" for g, v in rows)
-        return ("\nMost likely reason (plugins/repsim-minizoo/README.md, \"The layer-type "
-                "finding\", measures the candidates): every zoo model starts from one shared "
-                "initialisation and trains for minutes, so each layer type stays close to it — "
-                f"same-depth CKA of the pretrained models with the untrained control: {shown}. "
-                "What the objectives change is a small part of each layer's similarity "
-                "structure, so no layer type stands out.\n\n")
+        return ("\nMost likely reason, measured: every layer type's outputs keep a similarity "
+                "structure that any network of this shape has — same-depth CKA of the "
+                f"pretrained models with the untrained control: {shown}. The objectives change "
+                "a small part of it, so no layer type stands out. Models trained from other "
+                "initialisations or for twice the steps measure the same; attention stays "
+                "near uniform on the 4×4 patch grid (see attention_distance). The candidates "
+                "and their numbers: plugins/repsim-minizoo/README.md, \"The layer-type "
+                "finding\".\n\n")
 
     # --------------------------------------------------------------- the observations
 

@@ -118,6 +118,9 @@ def test_paper_observations_report_with_every_model() -> None:
     verdicts = [o["verdict"] for o in res.data["observations"]]
     assert len(verdicts) == 5 and "not measured" not in verdicts
     assert verdicts[0] == "holds"  # JE–JE 0.9 above JE–MAE 0.4 in the fake results
+    # every layer type at 0.4: observation 2 fails, with its reason measured against the control
+    assert verdicts[1] == "does not hold"
+    assert "Most likely reason, measured" in report and "norm1 0.400" in report
     assert "0.900" in report and "0.400" in report
     assert {"observations", "cka_pairs", "cka_by_layer_type", "knn", "finetuning",
             "path_efficiency"} <= res.tables.keys()
