@@ -225,8 +225,8 @@ def _unreadable(checked: CheckedRecipe) -> list[MissingFile]:
             continue
         for where, p in _path_params(resolved[1], f"models.{label}.params"):
             if p.exists() and not os.access(p, os.R_OK):
-                out.append(MissingFile(where, str(p), "it exists but cannot be read: check its "
-                                       "permissions", problem="cannot be read"))
+                out.append(MissingFile(where, str(p), "it exists: check its permissions",
+                                       problem="cannot be read"))
     return out
 
 

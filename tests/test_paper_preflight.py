@@ -154,3 +154,20 @@ def test_report_of_something_that_is_not_a_run(runner, tmp_path: Path, case: str
     result = runner.invoke(cli, ["report", str(target)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert str(target) in result.output and "repsim run" in result.output
+
+
+def test_an_unreadable_checkpoint_is_listed(tmp_path: Path, write_recipe,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that exists but cannot be read (permissions; root reads everything, so the
+    permission check is stubbed) is listed like a missing one."""
+    import repsim.preflight as pf
+
+    ckpt = tmp_path / "weights.pth"
+    ckpt.write_bytes(b"")
+    text = write_recipe().read_text().replace("seed = 1,", f'seed = 1, checkpoint = "{ckpt}",')
+    recipe = write_recipe(text)
+    monkeypatch.setattr(pf.os, "access", lambda p, mode: Path(p) != ckpt)
+    found = preflight(recipe, estimate="if_missing").missing
+    assert [m.line() for m in found] == [
+        f"models.b.params.checkpoint: '{ckpt}' cannot be read (it exists: check its "
+        "permissions)"]
