@@ -549,18 +549,26 @@ def measure_cpu_throughput(threads: int | None = None) -> float:
     used = threads or previous
     torch.set_num_threads(used)
     try:
-        model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-        x = torch.randn(4, 3, 224, 224)
+        with torch.device("meta"):  # no random initialisation of 86 M weights: seconds saved
+            model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+        model.to_empty(device="cpu")
+        with torch.no_grad():  # small constants: the speed of a product does not depend on the
+            for t in [*model.parameters(), *model.buffers()]:  # values, unless denormal
+                if t.is_floating_point():
+                    t.fill_(0.01)
+        x = torch.randn(2, 3, 224, 224)
         with torch.inference_mode():
             with FlopCounterMode(display=False) as counter:
                 model(x[:1])  # warm-up and the count
-            start = time.perf_counter()
-            model(x)
-            seconds = time.perf_counter() - start
-        flops = 4 * counter.get_total_flops() / seconds
+            seconds = math.inf
+            for _ in range(3):  # the best of three: a busy machine's noise only adds time
+                start = time.perf_counter()
+                model(x)
+                seconds = min(seconds, time.perf_counter() - start)
+        flops = len(x) * counter.get_total_flops() / seconds
     finally:
         torch.set_num_threads(previous)
-    how = f"ViT-B/16 forward, batch 4, fp32, {used} thread(s)"
+    how = f"ViT-B/16 forward, batch 2, fp32, best of 3, {used} thread(s)"
     store.write_json(_throughput_file(), {"flops": flops, "how": how,
                                           "when": time.strftime("%Y-%m-%d")})
     return flops
