@@ -3,6 +3,10 @@
 Epochs of steps over batches a callable yields per epoch, with mixed precision, gradient
 accumulation, optional clipping, a private seeded RNG and checkpoints at epoch boundaries from
 which a run resumes bit-identically (on CPU). Imported only when training runs: it imports torch.
+
+Under torch.distributed the same loop trains a model on data spread over ranks (:class:`Shard`):
+:func:`data_parallel` wraps it in DistributedDataParallel with :class:`SyncedBatchNorm`, and
+:class:`GlobalBatchSampler` gives every step the minibatch one process would take.
 """
 
 from __future__ import annotations

@@ -105,3 +105,36 @@ def test_seeded_and_leaves_global_rng_alone():
     b = train_probe(x, y, 4, epochs=3, warmup_epochs=1, seed=9)
     assert torch.equal(before, after)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_synced_batchnorm_on_one_rank_is_batchnorm(tmp_path, affine):
+    """The statistics over a group of one rank: torch's BatchNorm to float rounding, forward,
+    input and parameter gradients, running statistics, and eval mode."""
+    import copy
+
+    import torch.distributed as dist
+
+    from repsim.training import SyncedBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        bn = torch.nn.BatchNorm1d(5, affine=affine)
+        synced = SyncedBatchNorm(copy.deepcopy(bn), dist.group.WORLD)
+        x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
+        for _ in range(3):  # running statistics over several steps
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = bn(xa), synced(xb)
+            torch.testing.assert_close(yb, ya)
+            (ya * torch.arange(5.0)).sum().backward()
+            (yb * torch.arange(5.0)).sum().backward()
+            torch.testing.assert_close(xb.grad, xa.grad)
+            x = x * 1.1 + 0.3
+        for name, value in bn.state_dict().items():
+            torch.testing.assert_close(synced.state_dict()[name], value)
+        if affine:
+            torch.testing.assert_close(synced.weight.grad, bn.weight.grad)
+        torch.testing.assert_close(synced.eval()(x), bn.eval()(x))
+    finally:
+        dist.destroy_process_group()
