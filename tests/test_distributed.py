@@ -281,9 +281,12 @@ def probe_data() -> dict[str, torch.Tensor]:
             "xt": centres[yt] + torch.randn(29, 12, generator=g), "yt": yt}
 
 
+# Train examples go to the ranks in units of 4, or of 32 (with 3 ranks, one gets none).
 PROBE_GRIDS = [dict(depth=d, selection=sel, base_lrs=(0.1, 0.01), weight_decays=(0.0, 1e-3),
                     epochs=(6,), warmup_epochs=(1,), batch_size=16, top=2, num_classes=3,
-                    keep_best=True) for d, sel in ((0, "holdout"), (2, "holdout"), (1, "eval"))]
+                    keep_best=True, unit=unit)
+               for d, sel, unit in ((0, "holdout", 4), (2, "holdout", 4), (1, "eval", 4),
+                                    (1, "holdout", 32))]
 
 
 def worker(tasks: str, out: str) -> None:
@@ -315,10 +318,13 @@ def worker(tasks: str, out: str) -> None:
                     assert sims is None and idx is None
         if task == "probe":
             data = probe_data()
-            mine = torch.tensor(rank_positions(61, 4, World(rank, size)), dtype=torch.long)
+            sync = dist.new_group(backend="gloo")
             mine_test = torch.tensor(rank_positions(29, 5, World(rank, size)), dtype=torch.long)
-            shard = ProbeShard(mine, data["y"], dist.group.WORLD, dist.new_group(backend="gloo"))
-            for kw in PROBE_GRIDS:
+            for grid in PROBE_GRIDS:
+                kw = {k: v for k, v in grid.items() if k != "unit"}
+                mine = torch.tensor(rank_positions(61, grid["unit"], World(rank, size)),
+                                    dtype=torch.long)
+                shard = ProbeShard(mine, data["y"], dist.group.WORLD, sync)
                 res = probe_grid(data["x"][mine], data["y"][mine], data["xt"][mine_test],
                                  data["yt"][mine_test], shard=shard, **kw)
                 got["probe"].append((res.runs, res.best, res.protocol,
@@ -389,7 +395,8 @@ def test_ddp_probes_train_the_probes_of_one_process(ranks) -> None:
     got = per_rank[0]["probe"]
     data = probe_data()
     worst = 0.0
-    for kw, (runs, best, protocol, state) in zip(PROBE_GRIDS, got, strict=True):
+    for grid, (runs, best, protocol, state) in zip(PROBE_GRIDS, got, strict=True):
+        kw = {k: v for k, v in grid.items() if k != "unit"}
         one = probe_grid(data["x"], data["y"], data["xt"], data["yt"], **kw)
         assert protocol == one.protocol  # n_fit, n_selection, n_eval: every example once
         assert protocol["n_eval"] == 29 and protocol["n_fit"] + (
