@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from repsim import store
 from repsim.errors import FeatureError
@@ -105,6 +105,13 @@ class CacheWriter(Sink):
         return FeatureReader(self.directory.parent)
 
 
+# Shard files a reader keeps open for its life: opening every shard again for each key (its
+# header parsed each time) was most of the evaluators' time on the embedded study (9 ms a key
+# over 45 shards, 0.6 ms with the files kept open). Past this many, a shard is opened per read,
+# so a cache of ImageNet's thousands of shards does not pile up open files.
+_KEEP_OPEN = 1024
+
+
 class FeatureReader:
     """Reads a run's feature cache: one split's shards, concatenated in order, as float32."""
 
@@ -112,21 +119,34 @@ class FeatureReader:
         self.cache_dir = Path(cache_dir)
         self._keys: dict[str, list[str]] = {}
         self._order: dict[str, torch.Tensor] = {}
+        self._shard_lists: dict[str, list[Path]] = {}
+        self._open: dict[Path, Any] = {}
 
     def _shards(self, split: str) -> list[Path]:
-        shards = sorted((self.cache_dir / split).glob("[0-9]*.safetensors"))
-        if not shards:
-            cached = sorted(p.name for p in self.cache_dir.iterdir() if p.is_dir()) \
-                if self.cache_dir.exists() else []
-            raise KeyError(f"no cached features for split '{split}'; cached splits: {cached}")
-        return shards
+        if split not in self._shard_lists:
+            shards = sorted((self.cache_dir / split).glob("[0-9]*.safetensors"))
+            if not shards:
+                cached = sorted(p.name for p in self.cache_dir.iterdir() if p.is_dir()) \
+                    if self.cache_dir.exists() else []
+                raise KeyError(f"no cached features for split '{split}'; cached splits: "
+                               f"{cached}")
+            self._shard_lists[split] = shards
+        return self._shard_lists[split]
+
+    def _file(self, shard: Path) -> Any:
+        """The shard's open safetensors file (kept for the reader's life, up to _KEEP_OPEN)."""
+        fh = self._open.get(shard)
+        if fh is None:
+            from safetensors import safe_open
+
+            fh = safe_open(str(shard), framework="pt")
+            if len(self._open) < _KEEP_OPEN:
+                self._open[shard] = fh
+        return fh
 
     def keys(self, split: str) -> list[str]:
         if split not in self._keys:
-            from safetensors import safe_open
-
-            with safe_open(str(self._shards(split)[0]), framework="pt") as fh:
-                self._keys[split] = list(fh.keys())  # noqa: SIM118
+            self._keys[split] = list(self._file(self._shards(split)[0]).keys())
         return self._keys[split]
 
     def read(self, split: str, key: str, what: str) -> torch.Tensor:
@@ -140,13 +160,8 @@ class FeatureReader:
 
     def _cat(self, split: str, key: str) -> torch.Tensor:
         import torch
-        from safetensors import safe_open
 
-        parts = []
-        for shard in self._shards(split):
-            with safe_open(str(shard), framework="pt") as fh:
-                parts.append(fh.get_tensor(key))
-        return torch.cat(parts)
+        return torch.cat([self._file(shard).get_tensor(key) for shard in self._shards(split)])
 
     def _global_order(self, split: str) -> torch.Tensor:
         """Where each example of the shards (in file order) goes: by position."""
