@@ -61,7 +61,7 @@ class FinetuneSchedule:
     in the core's ``table5`` preset (AdamW (0.9, 0.999), weight decay 0.05, layer decay 0.75,
     label smoothing 0.1 and drop path 0.1 stay). Fine-tuning runs on :mod:`repsim.finetune`."""
 
-    epochs: int = 15
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3  # at 1e-3 and 10 epochs MAE reached 0.92 val accuracy, here 0.95
     warmup_epochs: int = 1
@@ -96,7 +96,7 @@ DEFAULT = Preset(
     schedules={
         "mocov3": Schedule(steps=400, lr=3e-3, weight_decay=0.1),
         "dino": Schedule(steps=300, lr=1e-3, weight_decay=0.04, clip_grad=3.0),
-        "mae": Schedule(steps=1500, lr=1.5e-3, weight_decay=0.05),
+        "mae": Schedule(steps=1000, lr=1.5e-3, weight_decay=0.05),
         "msn": Schedule(steps=600, lr=1e-3, weight_decay=0.04, clip_grad=3.0),
         "supervised": Schedule(steps=400, lr=2e-3, betas=(0.9, 0.999)),
     },

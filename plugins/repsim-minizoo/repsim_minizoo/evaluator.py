@@ -194,14 +194,15 @@ class PaperObservations(Evaluator):
         if not rows:
             return ""
         shown = ", ".join(f"{g} {v:.3f}" for g, v in rows)
-        return ("\nMost likely reason, measured: every layer type's outputs keep a similarity "
-                "structure that any network of this shape has — same-depth CKA of the "
-                f"pretrained models with the untrained control: {shown}. The objectives change "
-                "a small part of it, so no layer type stands out. Models trained from other "
-                "initialisations or for twice the steps measure the same; attention stays "
-                "near uniform on the 4×4 patch grid (see attention_distance). The candidates "
-                "and their numbers: plugins/repsim-minizoo/README.md, \"The layer-type "
-                "finding\".\n\n")
+        return ("\nMost likely reason, measured: the models are short-trained, so every layer "
+                "type is still close to what an untrained network of this shape computes — "
+                f"same-depth CKA of the pretrained models with the untrained control: {shown}. "
+                "What the objectives change is a small part of each layer, so no layer type "
+                "stands out; and on a 4×4 patch grid attention stays near uniform (see "
+                "attention_distance), leaving no room for the local-versus-global attention "
+                "that separates MAE from JE models at ViT-B/16's scale. The candidates tried "
+                "(token reduction, initialisation, training length) and their numbers: "
+                "plugins/repsim-minizoo/README.md, \"The layer-type finding\".\n\n")
 
     # --------------------------------------------------------------- the observations
 
