@@ -44,7 +44,7 @@ from repsim.run.device import DeviceSettings
 from repsim.run.distributed import World
 from repsim.store import read_json, write_json, write_text
 
-log = logging.getLogger("repsim")
+log = logging.getLogger("repsim.finetune")
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,9 @@ class Run:
 
             if start:
                 self.say(f"{split}: resuming after {start} saved batches")
+            self.say(f"{split} pass: {len(positions)} examples of '{dataset.name}' "
+                     f"({dataset.split}) through {len(todo)} model(s), {len(source)} batches")
+            began = time.perf_counter()
             bar = tqdm(total=len(source), initial=start, desc=f"{split} pass", unit="batch",
                        disable=not (self.progress and self.world.is_main), file=sys.stderr)
             with forward.attached():
@@ -331,6 +334,9 @@ class Run:
                 sink.close()
             _check_observer_keys(plan, split)
             save(True)
+            self.say(f"{split} pass done in {time.perf_counter() - began:.1f} s")
+        else:
+            self.say(f"{split} pass: every model extracted before, kept")
         observers = [s for label in plan.models for s in per_model[label]
                      if isinstance(s, ObserverSink)]
         if self.world.distributed:

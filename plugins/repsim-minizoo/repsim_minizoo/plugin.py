@@ -71,13 +71,22 @@ def register_models(register: Register) -> None:
                  preprocess="8x8 digits resized to 16, 1 channel, digits mean/std")
 
 
-def _train_entries(todo: list[tuple[str, bool]], preset: str, seed: int, progress: bool = True
-                   ) -> list[tuple[dict[str, Any], dict[str, Any], Any]]:
-    """Train (or load) the entries in order; their (weights, record, path)."""
-    from repsim_minizoo import zoo
+def _train_entries(todo: list[tuple[str, bool]], preset: str, seed: int, progress: bool = True,
+                   process: str = "") -> list[tuple[dict[str, Any], dict[str, Any], Any]]:
+    """Train (or load) the entries in order; their (weights, record, path). A line before each
+    entry to train says which it is of how many (``process``: whose list it is)."""
+    import logging
 
-    return [(zoo.finetuned if ft else zoo.pretrained)(objective, preset, seed, progress)
-            for objective, ft in todo]
+    from repsim_minizoo import cache, zoo
+
+    log = logging.getLogger("repsim.minizoo")
+    out = []
+    for k, (objective, ft) in enumerate(todo, 1):
+        if not cache.is_complete(zoo.entry_file(objective, ft, preset, seed)):
+            log.info("model %d of %d%s: minizoo_%s%s", k, len(todo), process, objective,
+                     "_ft" if ft else "")
+        out.append((zoo.finetuned if ft else zoo.pretrained)(objective, preset, seed, progress))
+    return out
 
 
 def _train_side_by_side(wanted: list[tuple[str, bool]], preset: str, seed: int,
@@ -162,17 +171,17 @@ def register_commands(cli: Any) -> None:
         world = world_from_env()
         if deal is not None:  # one of the launched processes
             with progress_messages():
-                _train_entries(_parse_deal(deal)[world.rank], preset, seed, progress=False)
+                _train_entries(_parse_deal(deal)[world.rank], preset, seed, progress=False,
+                               process=f" of process {world.rank + 1}")
             return
         wanted = [entries()[n] for n in (only or entries())]
         with progress_messages():
-            _train_side_by_side(wanted, preset, seed, nproc)
-            for name, (objective, finetuned) in entries().items():
-                if objective == CONTROL or (objective, finetuned) not in wanted:
-                    continue
-                _, record, path = _train_entries([(objective, finetuned)], preset, seed)[0]
-                click.echo(f"{name:22s} {record['train_seconds']:7.1f} s  final loss "
-                           f"{record['loss_final']:.4f}  {path}")
+            _train_side_by_side(wanted, preset, seed, nproc)  # then all cached: only loaded
+            names = [n for n, e in entries().items() if e in wanted and e[0] != CONTROL]
+            trained = _train_entries([entries()[n] for n in names], preset, seed)
+        for name, (_, record, path) in zip(names, trained):
+            click.echo(f"{name:22s} {record['train_seconds']:7.1f} s  final loss "
+                       f"{record['loss_final']:.4f}  {path}")
 
     @minizoo.command("cache")
     def cache_cmd() -> None:

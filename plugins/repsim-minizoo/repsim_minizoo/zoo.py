@@ -84,18 +84,25 @@ def finetuned(objective: str, preset_name: str = "default", seed: int = 0,
     if state is not None:
         return state, cache.read_meta(path), path
     _, _, pre_path = pretrained(objective, preset_name, seed, progress)
-    log.info("fine-tuning minizoo_%s_ft: %d epochs of the digits train split", objective,
-             preset.finetune.epochs)
+    log.info("fine-tuning minizoo_%s_ft: %d epochs of the digits train split, about %.0f s "
+             "at the reference machine's speed", objective, preset.finetune.epochs,
+             training_cost(objective, True, preset_name))
     start, cpu_start = time.perf_counter(), time.process_time()
-    with deterministic():
-        backbone = build(f"minizoo_{objective}", objective, False, preset_name, seed,
-                         progress=progress)
-        data = build_part("dataset", DATA["dataset"], split=DATA["split"],
-                          val_fraction=DATA["val_fraction"], seed=DATA["split_seed"])
-        source = {"model": {"model": f"minizoo_{objective}",
-                            "params": {"preset": preset_name, "seed": seed}}, "data": DATA}
-        prov = finetune(backbone, data, preset.finetune.settings(seed), run_dir(path),
-                        source=source, progress=progress)
+    runner_log = logging.getLogger("repsim.finetune")
+    level = runner_log.level
+    runner_log.setLevel(logging.WARNING)  # its per-epoch lines: the zoo says start and end
+    try:
+        with deterministic():
+            backbone = build(f"minizoo_{objective}", objective, False, preset_name, seed,
+                             progress=progress)
+            data = build_part("dataset", DATA["dataset"], split=DATA["split"],
+                              val_fraction=DATA["val_fraction"], seed=DATA["split_seed"])
+            source = {"model": {"model": f"minizoo_{objective}",
+                                "params": {"preset": preset_name, "seed": seed}}, "data": DATA}
+            prov = finetune(backbone, data, preset.finetune.settings(seed), run_dir(path),
+                            source=source, progress=progress)
+    finally:
+        runner_log.setLevel(level)
     run = run_dir(path)
     state = cache.load_weights(run / "final.safetensors")
     record = {"objective": objective, "preset": preset_name, "seed": seed,
