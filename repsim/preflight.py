@@ -18,13 +18,19 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from repsim.errors import RecipeError
-from repsim.recipe import CheckedRecipe, MissingFile, Recipe, check_recipe, load_recipe
+from repsim.recipe import (
+    CheckedRecipe,
+    MissingFile,
+    Recipe,
+    check_recipe,
+    load_recipe,
+    path_params,
+)
 
 # Training a network costs about three forwards (forward, then backward through activations and
 # weights), the usual rule for dense layers.
@@ -223,21 +229,11 @@ def _unreadable(checked: CheckedRecipe) -> list[MissingFile]:
     for label, resolved in checked.models.items():
         if resolved is None:
             continue
-        for where, p in _path_params(resolved[1], f"models.{label}.params"):
+        for where, p in path_params(resolved[1], f"models.{label}.params"):
             if p.exists() and not os.access(p, os.R_OK):
                 out.append(MissingFile(where, str(p), "it exists: check its permissions",
                                        problem="cannot be read"))
     return out
-
-
-def _path_params(value: Any, where: str) -> Iterable[tuple[str, Path]]:
-    from pydantic import BaseModel
-
-    if isinstance(value, Path):
-        yield where, value
-    elif isinstance(value, BaseModel):
-        for k in type(value).model_fields:
-            yield from _path_params(getattr(value, k), f"{where}.{k}")
 
 
 # --- figures ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -287,16 +288,22 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+def path_params(value: Any, where: str) -> Iterator[tuple[str, Path]]:
+    """Parameters typed as paths in validated parameters, with where they are
+    (``models.x.params.checkpoint``, ``...files[0]``)."""
+    if isinstance(value, Path):
+        yield where, value
+    elif isinstance(value, BaseModel):
+        for k in type(value).model_fields:
+            yield from path_params(getattr(value, k), f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from path_params(v, f"{where}[{i}]")
+
+
 def _missing_paths(value: Any, where: str) -> list[tuple[str, Path]]:
     """Parameters typed as paths that point nowhere (checked before any weights load)."""
-    if isinstance(value, Path):
-        return [] if value.exists() else [(where, value)]
-    if isinstance(value, BaseModel):
-        return [m for k in type(value).model_fields
-                for m in _missing_paths(getattr(value, k), f"{where}.{k}")]
-    if isinstance(value, (list, tuple)):
-        return [m for i, v in enumerate(value) for m in _missing_paths(v, f"{where}[{i}]")]
-    return []
+    return [(w, p) for w, p in path_params(value, where) if not p.exists()]
 
 
 class CheckedRecipe:

@@ -8,7 +8,7 @@ import torch
 
 import repsim
 from repsim.metrics.cka import MinibatchCKA, rbf_from_gram_
-from repsim.metrics.engine import pair_terms_from_features, terms_from_groups
+from repsim.metrics.engine import pair_terms_from_features
 from repsim.run.sinks import MetricSink
 
 

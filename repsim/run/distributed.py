@@ -23,7 +23,7 @@ from repsim.errors import RecipeError
 if TYPE_CHECKING:
     import torch
 
-    from repsim.run.sinks import MetricSink, Sink
+    from repsim.run.sinks import Sink
 
 # A file:// URL here replaces env:// (MASTER_ADDR/MASTER_PORT, as torchrun sets them): a shared
 # file system as rendezvous.

@@ -29,7 +29,7 @@ from repsim.run.sinks import MetricSink, Sink, pair_result
 if TYPE_CHECKING:
     import torch
 
-    from repsim.metrics.base import PairTerms, StreamingMetric
+    from repsim.metrics.base import StreamingMetric
     from repsim.metrics.results import SimilarityResult
 
 KERNELS = "kernels"

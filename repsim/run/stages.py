@@ -21,13 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from repsim import store
+from repsim.recipe import path_params
 
 if TYPE_CHECKING:
     from repsim.evaluators.base import Evaluator
@@ -50,17 +48,6 @@ def cache_root() -> Path:
         return Path(os.environ["REPSIM_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "repsim"
 
-
-def _paths(value: Any, where: str) -> Iterator[tuple[str, Path]]:
-    """Parameters typed as paths, with where they are."""
-    if isinstance(value, Path):
-        yield where, value
-    elif isinstance(value, BaseModel):
-        for k in type(value).model_fields:
-            yield from _paths(getattr(value, k), f"{where}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _paths(v, f"{where}[{i}]")
 
 
 def file_digest(path: Path, known: dict[str, str]) -> str:
@@ -95,7 +82,7 @@ def input_digests(checked: CheckedRecipe) -> dict[str, dict[str, str]]:
     found: dict[str, dict[str, str]] = {}
     entries = [("data", checked.dataset), *((f"models.{k}", v) for k, v in checked.models.items())]
     for where, (_, params) in entries:
-        for field, path in _paths(params, f"{where}.params"):
+        for field, path in path_params(params, f"{where}.params"):
             if path.is_file():
                 found[field] = {"path": str(path), "sha256": file_digest(path, known)}
             elif path.is_dir():

@@ -129,7 +129,6 @@ class PaperObservations(Evaluator):
         """:meth:`diag` and its bootstrap draws ``[resamples]`` (None without per-minibatch
         terms). One seed for every pair: the resampled minibatches are the same for all of
         them, so differences between pairs get joint draws."""
-        import torch
 
         ga, gb = ctx.groups(a).get(group), ctx.groups(b).get(group)
         if not ga or not gb or len(ga) != len(gb):
@@ -353,7 +352,7 @@ class PaperObservations(Evaluator):
 
         tables["observations"] = (["observation", "verdict", "measured"],
                                   [list(f) for f in findings])
-        intro = (f"# The papers' observations in miniature\n\nModels: "
+        intro = ("# The papers' observations in miniature\n\nModels: "
                  + ", ".join(f"{r} = `{lbl}`" for r, lbl in roles.items())
                  + f". Similarity: `{p.metric}`; 'same-depth mean' is the mean over blocks of the "
                  f"CKA between layers at the same depth. k-NN: {p.k} neighbours, cosine, "
