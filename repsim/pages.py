@@ -112,8 +112,9 @@ def _grid(results: Sequence[dict[str, Any]], title: str) -> Figure:
     n = len(results)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig = Figure(figsize=(3.2 * cols, 2.9 * rows + 0.5))
-    fig.subplots_adjust(left=0.07, right=0.9, bottom=0.08, top=1 - 0.5 / (2.9 * rows + 0.5),
+    head = 0.8  # inches above the first row: the title, clear of the panels' own titles
+    fig = Figure(figsize=(3.2 * cols, 2.9 * rows + head))
+    fig.subplots_adjust(left=0.07, right=0.9, bottom=0.08, top=1 - head / (2.9 * rows + head),
                         hspace=0.55, wspace=0.35)
     values = [[[float("nan") if v is None else v for v in r] for r in res["values"]]
               for res in results]
