@@ -45,6 +45,23 @@ PROBE = textwrap.dedent("""
     warmup_epochs = [1]
     batch_size = 8
     top = 1
+
+    [[evaluators]]
+    name = "prediction_agreement"
+    label = "agreement_probe"
+    [evaluators.params]
+    scores = "linear_probe"
+    ks = [2, 3]
+    [evaluators.params.probe]
+    base_lrs = [0.1, 0.01]
+    weight_decays = [0.0]
+    epochs = [4]
+    warmup_epochs = [1]
+    batch_size = 8
+
+    [[evaluators]]
+    name = "prediction_agreement"
+    params = { ks = [2, 3] }
     """)
 
 
@@ -184,6 +201,23 @@ def test_ranks_write_the_numbers_of_one_process(recipe: Path, tmp_path: Path, si
             for ra, rb in zip(a["runs"], b["runs"], strict=True):
                 assert ra["eval_accuracy"] == rb["eval_accuracy"]
                 assert ra["selection_loss"] == pytest.approx(rb["selection_loss"], rel=1e-5)
+    # agreement of the probes' scores: each process trains its share of the DDP probes and
+    # scores its share of the eval split, rank 0 puts the scores in the split's order. The same
+    # runs are chosen and their scores differ by float32 rounding only, so every class ranking
+    # and top-1, hence every tau and F1, is equal; the models' own outputs: rank 0 alone
+    for name in ("agreement_probe", "prediction_agreement"):
+        da, db = (data(r, name) for r in (one, tmp_path / "many"))
+        assert da == db and da["a vs b"]["n"]["all"] == examples
+        ta, tb = ((r / f"evaluators/{name}/tensors.safetensors").read_bytes()
+                  for r in (one, tmp_path / "many"))
+        assert ta == tb  # the per-example taus
+    qa, qb = (json.loads((r / "evaluators/agreement_probe/result.json").read_text())["protocol"]
+              for r in (one, tmp_path / "many"))
+    assert qa["notes"] == qb["notes"] == [] and qa["probes"].keys() == {"a", "b"}
+    for model, info in qa["probes"].items():
+        ra, rb = info["best_run"], qb["probes"][model]["best_run"]
+        assert ra["selection_loss"] == pytest.approx(rb["selection_loss"], rel=1e-5)
+        assert {**ra, "selection_loss": 0} == {**rb, "selection_loss": 0}
     # attention statistics are sums merged across ranks: equal up to the order of the sums
     da, db = (data(r, "attention_distance") for r in (one, tmp_path / "many"))
     for model in da["distance"]:
@@ -294,13 +328,14 @@ def worker(tasks: str, out: str) -> None:
     comma-separated ``tasks`` on its share of the data; it saves what it got to ``out.rankR``."""
     import torch.distributed as dist
 
+    from repsim.evaluators.agreement import gather_rows
     from repsim.evaluators.knn import knn_neighbours, knn_vote
     from repsim.evaluators.probes import ProbeShard, probe_grid
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=os.environ["REPSIM_DIST_INIT"], rank=rank,
                             world_size=size)
-    got: dict[str, list] = {"knn": [], "probe": []}
+    got: dict[str, list] = {"knn": [], "probe": [], "gather": []}
     for task in tasks.split(","):
         if task == "knn":
             for case in knn_cases():
@@ -329,6 +364,16 @@ def worker(tasks: str, out: str) -> None:
                                  data["yt"][mine_test], shard=shard, **kw)
                 got["probe"].append((res.runs, res.best, res.protocol,
                                      {k: v.clone() for k, v in res.model.state_dict().items()}))
+        if task == "gather":  # rows by units of 3 of 10 (of 3 ranks, one holds 3 rows), then
+            # a share with a row of another rank, then one without its last row: both refused
+            mine = torch.tensor(rank_positions(10, 3, World(rank, size)), dtype=torch.long)
+            for where in (mine, torch.cat([mine, torch.tensor([(rank + 1) * 3 % 9])]),
+                          mine[:-1] if rank == size - 1 else mine):
+                try:
+                    got["gather"].append(gather_rows(where[:, None] * torch.ones(1, 2), where,
+                                                     10, dist.group.WORLD, rank == 0))
+                except RuntimeError as exc:
+                    got["gather"].append(str(exc))
         if task == "fail":  # rank 1 fails before the search its peers wait in
             if rank == 1:
                 raise RuntimeError("rank 1 fails on purpose")
@@ -353,11 +398,11 @@ def start_workers(tasks: str, size: int, tmp_path: Path) -> list[subprocess.Pope
 @pytest.fixture(scope="module", params=[2, 3])
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> tuple[int, list[dict[str, list]]]:
-    """The k-NN and probe tasks on W = 2 and 3 ranks (one start of the ranks for both): W and
+    """The k-NN, probe and gather tasks on W = 2 and 3 ranks (one start of the ranks for both): W and
     what every rank got."""
     size = request.param
     tmp = tmp_path_factory.mktemp(f"ranks{size}")
-    results = wait(start_workers("knn,probe", size, tmp), timeout=180)
+    results = wait(start_workers("knn,probe,gather", size, tmp), timeout=180)
     assert all(code == 0 for code, _ in results), results
     return size, [torch.load(tmp / f"out.rank{r}", weights_only=True) for r in range(size)]
 
@@ -382,6 +427,16 @@ def test_sharded_knn_finds_the_neighbours_of_one_process(ranks) -> None:
     # the data ties: equal similarities inside the lists, so the tie-break decides their order
     tied = knn_of_one_process(cases[0])[0]
     assert (tied[:, :-1] == tied[:, 1:]).any()
+
+
+def test_rank_0_gathers_every_rows_share_in_the_split_order(ranks) -> None:
+    size, per_rank = ranks
+    whole, repeated, dropped = per_rank[0]["gather"]
+    assert torch.equal(whole, torch.arange(10.0)[:, None].expand(10, 2))
+    assert repeated == f"the ranks hold {10 + size} rows at positions that are not the 10 " \
+        "examples of the split, each once"
+    assert dropped.startswith("the ranks hold 9 rows at positions")
+    assert all(r["gather"] == [None] * 3 for r in per_rank[1:])
 
 
 def test_ddp_probes_train_the_probes_of_one_process(ranks) -> None:

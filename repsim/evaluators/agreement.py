@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from repsim.errors import FeatureError, RecipeError
 from repsim.evaluators._common import (MISSING, expand_layer, figure, json_float, resolve_pairs,
                                        table)
-from repsim.evaluators.base import EvalContext, Evaluator, EvalResult, FeatureNeeds
+from repsim.evaluators.base import (EvalContext, Evaluator, EvalResult, FeatureNeeds,
+                                   first_of_ranks)
 from repsim.evaluators.params import AgreementParams
 
 if TYPE_CHECKING:
@@ -140,6 +141,29 @@ def prediction_agreement(scores_a: torch.Tensor, scores_b: torch.Tensor, labels:
     }
 
 
+def gather_rows(rows: torch.Tensor, positions: torch.Tensor, n: int, group: Any, main: bool
+                ) -> torch.Tensor | None:
+    """On rank 0 (``main``): every rank's ``rows`` put at their ``positions`` of a split of
+    ``n`` examples, ``[n, ...]`` in the split's order; None on the other ranks. Each example must
+    come from exactly one rank (none dropped, none repeated)."""
+    import torch
+    import torch.distributed as dist
+
+    # Shares differ in size (a rank may hold none), which tensor gathers do not allow.
+    shares: list[Any] | None = [None] * dist.get_world_size(group) if main else None
+    dist.gather_object((positions.long().cpu(), rows.cpu()), shares, dst=0, group=group)
+    if shares is None:
+        return None
+    where = torch.cat([s[0] for s in shares])
+    inside = bool(((where >= 0) & (where < n)).all())
+    if where.numel() != n or not inside or torch.unique(where).numel() != n:
+        raise RuntimeError(f"the ranks hold {where.numel()} rows at positions that are not the "
+                           f"{n} examples of the split, each once")
+    out = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype)
+    out[where] = torch.cat([s[1] for s in shares])
+    return out
+
+
 class AgreementEvaluator(Evaluator):
     """Kendall's tau of top-k class rankings and top-1 F1 for every pair of models."""
 
@@ -156,34 +180,58 @@ class AgreementEvaluator(Evaluator):
                                       reductions=(p.reduction,) if p.reduction else None,
                                       layers=(p.layer,) if p.layer else None)
         self._probe_info: dict[str, dict[str, Any]] = {}
+        # Probes train under DDP over the ranks' shares of the features, as in `linear_probe`.
+        # The models' own outputs are cached merged: rank 0 alone compares them, as before.
+        self.distributed = p.scores == "linear_probe"
 
-    def _probe_scores(self, ctx: EvalContext, model: str) -> torch.Tensor:
-        """Eval-split scores of the best linear probe (by held-out selection) on ``layer``."""
-        from repsim.evaluators.probes import probe_grid, probe_logits
+    def _probe_scores(self, ctx: EvalContext, model: str, sync_group: Any
+                      ) -> torch.Tensor | None:
+        """Eval-split scores of the best linear probe (by held-out selection) on ``layer``, in
+        the split's order. In a distributed run every rank trains the probes over its share of
+        the features (``sync_group``: the ranks' second group, for BatchNorm) and scores its
+        share of the eval split; rank 0 gets the scores of every example, the others None."""
+        from repsim.evaluators.probes import ProbeShard, probe_grid, probe_logits
 
         p = self.params
         try:
-            layers = expand_layer(ctx, model, p.layer, self.name) if p.layer else ctx.layers(model)
-        except RecipeError as exc:  # a model without the layer: skip its pairs, not the run
-            raise KeyError(str(exc)) from None
-        layer = layers[-1]
-        train_y, eval_y = ctx.labels(p.train_split), ctx.labels(p.split)
-        tr = ctx.features(model, layer, p.train_split, p.reduction)
-        ev = ctx.features(model, layer, p.split, p.reduction)
+            try:
+                layers = (expand_layer(ctx, model, p.layer, self.name) if p.layer
+                          else ctx.layers(model))
+            except RecipeError as exc:  # a model without the layer: skip its pairs, not the run
+                raise KeyError(str(exc)) from None
+            layer = layers[-1]
+            train_y, eval_y = ctx.labels(p.train_split), ctx.labels(p.split)
+            tr = ctx.local_features(model, layer, p.train_split, p.reduction)
+            ev = ctx.local_features(model, layer, p.split, p.reduction)
+            missing = None
+        except MISSING as exc:
+            missing = str(exc)
+        # Every rank skips the model or none does, so that the probes' collectives stay in step.
+        missing = first_of_ranks(missing, ctx.group)
+        if missing is not None:
+            raise FeatureError(missing)
+        shard = None
+        if ctx.group is not None:  # this rank's rows; the held-out part drawn from all labels
+            shard = ProbeShard(ctx.local_index(p.train_split), train_y, ctx.group, sync_group)
         grid = {k: tuple(v) if isinstance(v, list) else v for k, v in p.probe.items()}
-        res = probe_grid(tr, train_y, ev, eval_y, top=1, split_seed=ctx.seed, keep_best=True,
+        res = probe_grid(tr, ctx.local_labels(p.train_split), ev, ctx.local_labels(p.split),
+                         top=1, split_seed=ctx.seed, keep_best=True, shard=shard,
                          num_classes=int(max(int(train_y.max()), int(eval_y.max()))) + 1, **grid)
         assert res.model is not None
         self._probe_info[model] = {"layer": layer, "run": res.runs[res.best[0]],
                                    "protocol": res.protocol}
-        return probe_logits(res.model, ev.float())
+        logits = probe_logits(res.model, ev.float())
+        if ctx.group is None:
+            return logits
+        return gather_rows(logits, ctx.local_index(p.split), eval_y.numel(), ctx.group,
+                           ctx.rank == 0)
 
-    def _scores(self, ctx: EvalContext, model: str, cache: dict[str, torch.Tensor]
-                ) -> torch.Tensor:
+    def _scores(self, ctx: EvalContext, model: str, cache: dict[str, torch.Tensor | None],
+                sync_group: Any) -> torch.Tensor | None:
         if model not in cache:
             p = self.params
             cache[model] = (ctx.output(model, p.split) if p.scores == "output"
-                            else self._probe_scores(ctx, model))
+                            else self._probe_scores(ctx, model, sync_group))
         return cache[model]
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
@@ -194,13 +242,21 @@ class AgreementEvaluator(Evaluator):
         notes: list[str] = []
         data: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
-        scores: dict[str, torch.Tensor] = {}
+        scores: dict[str, torch.Tensor | None] = {}
         self._probe_info = {}
+        sync_group = None
+        if ctx.group is not None:  # probe scores over ranks: BatchNorm's group (ProbeShard)
+            import torch.distributed as dist
+
+            sync_group = dist.new_group(backend="gloo")
         for a, b in resolve_pairs(ctx, p.models, p.pairs, self.name):
             try:
-                sa, sb = self._scores(ctx, a, scores), self._scores(ctx, b, scores)
+                sa, sb = (self._scores(ctx, a, scores, sync_group),
+                          self._scores(ctx, b, scores, sync_group))
             except MISSING as exc:
                 notes.append(f"{a} vs {b}: skipped ({exc})")
+                continue
+            if sa is None or sb is None:  # a rank other than 0: it trained its share; 0 compares
                 continue
             r = prediction_agreement(sa, sb, labels, tuple(p.ks), p.reference, p.f1_average)
             pair = f"{a} vs {b}"

@@ -138,7 +138,8 @@ class Evaluator(ABC):
     access: Access = Access()
     # True: in a distributed run ``evaluate`` runs on every rank (over the local_* shares, with
     # collectives on ``ctx.group``) and rank 0's result is written; False: on rank 0 alone.
-    # An evaluator that reads similarity results always runs on rank 0 alone.
+    # An evaluator that reads similarity results always runs on rank 0 alone. An instance may
+    # set it from its parameters (prediction_agreement: only its probe scores are distributed).
     distributed: bool = False
 
     def __init__(self, params: BaseModel | None = None, name: str | None = None) -> None:

@@ -198,11 +198,13 @@ def _score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group: Any = None
 
 
 def probe_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[N, C]`` class scores of a trained probe (eval mode, no gradients, in chunks)."""
+    """``[N, C]`` class scores of a trained probe (eval mode, no gradients, in chunks); ``[0, C]``
+    for no rows (a rank that holds none of a split)."""
     import torch
 
     with torch.no_grad():
-        return torch.cat([model(x[i:i + EVAL_CHUNK]) for i in range(0, x.shape[0], EVAL_CHUNK)])
+        return torch.cat([model(x[i:i + EVAL_CHUNK])
+                          for i in range(0, max(x.shape[0], 1), EVAL_CHUNK)])
 
 
 def holdout_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
