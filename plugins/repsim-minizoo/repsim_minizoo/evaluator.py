@@ -129,7 +129,6 @@ class PaperObservations(Evaluator):
         """:meth:`diag` and its bootstrap draws ``[resamples]`` (None without per-minibatch
         terms). One seed for every pair: the resampled minibatches are the same for all of
         them, so differences between pairs get joint draws."""
-
         ga, gb = ctx.groups(a).get(group), ctx.groups(b).get(group)
         if not ga or not gb or len(ga) != len(gb):
             return None

@@ -105,7 +105,7 @@ def _train_side_by_side(wanted: list[tuple[str, bool]], preset: str, seed: int,
     if n < 2:
         return
     dealt = zoo.deal(chains, n, preset)
-    longest = max(sum(zoo.training_cost(*e, preset) for e in part) for part in dealt)
+    longest = max(zoo.chain_cost(part, preset) for part in dealt)
     click.echo(f"training {sum(map(len, dealt))} zoo models in {n} processes, one thread each "
                f"(about {longest / 60:.0f} min on a 2-core reference machine)", err=True)
     # Training pins one thread; saying so to torchrun's launcher also silences its warning.

@@ -52,7 +52,7 @@ def pretrained(objective: str, preset_name: str = "default", seed: int = 0,
     from repsim_minizoo.train import pretrain
 
     preset = PRESETS[preset_name]
-    path = cache.entry_path(objective, pretrained_key(objective, preset, seed))
+    path = entry_file(objective, False, preset_name, seed)
     state = cache.load_weights(path)
     if state is not None:
         return state, cache.read_meta(path), path
@@ -79,7 +79,7 @@ def finetuned(objective: str, preset_name: str = "default", seed: int = 0,
     from repsim_minizoo.train import TRAINING_THREADS, deterministic
 
     preset = PRESETS[preset_name]
-    path = cache.entry_path(f"{objective}_ft", finetuned_key(objective, preset, seed))
+    path = entry_file(objective, True, preset_name, seed)
     state = cache.load_weights(path)
     if state is not None:
         return state, cache.read_meta(path), path
@@ -148,7 +148,7 @@ def training_chains(wanted: list[tuple[str, bool]], preset_name: str = "default"
                     chain.append(entry)
     for chain in chains.values():
         chain.sort(key=lambda e: e[1])  # pretraining first
-    return sorted(chains.values(), key=lambda c: -sum(training_cost(*e, preset_name) for e in c))
+    return sorted(chains.values(), key=lambda c: -chain_cost(c, preset_name))
 
 
 def training_cost(objective: str, finetune: bool, preset_name: str = "default") -> float:
@@ -162,6 +162,11 @@ def training_cost(objective: str, finetune: bool, preset_name: str = "default") 
     return preset.schedules[objective].steps * STEP_SECONDS[objective]
 
 
+def chain_cost(entries: list[tuple[str, bool]], preset_name: str = "default") -> float:
+    """:func:`training_cost` of entries trained one after the other."""
+    return sum(training_cost(*e, preset_name) for e in entries)
+
+
 def deal(chains: list[list[tuple[str, bool]]], processes: int,
          preset_name: str = "default") -> list[list[tuple[str, bool]]]:
     """Chains dealt to ``processes`` workers, longest first to the least loaded (LPT), so the
@@ -171,7 +176,7 @@ def deal(chains: list[list[tuple[str, bool]]], processes: int,
     for chain in chains:
         w = loads.index(min(loads))
         out[w] += chain
-        loads[w] += sum(training_cost(*e, preset_name) for e in chain)
+        loads[w] += chain_cost(chain, preset_name)
     return out
 
 
