@@ -475,3 +475,34 @@ def test_ddp_probes_train_the_probes_of_one_process(ranks) -> None:
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_write_the_numbers_of_one(recipe: Path, tmp_path: Path) -> None:
+    """nccl for the run, gloo for the host-side exchanges, each rank on its own GPU: the
+    similarities and k-NN of two GPUs are one GPU's, the probes' accuracies too."""
+    from repsim.run import run_recipe
+
+    recipe.write_text(recipe.read_text().replace("threads = 1", 'threads = 1\ndevice = "cuda"')
+                      + PROBE)
+    one = run_recipe(recipe, tmp_path / "one", progress=False, quiet=True)
+    results = wait(launch(recipe, tmp_path / "many", 2, tmp_path / "store"))
+    assert all(code == 0 for code, _ in results), results
+    a, b = similarity(one), similarity(tmp_path / "many")
+    assert a.keys() == b.keys() and a
+    for key in a:  # a forward of a batch on another GPU of the same kind: the same kernels
+        x, y = (torch.tensor(r[key]["values"], dtype=torch.float64) for r in (a, b))
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-9, equal_nan=True)
+
+    def data(run: Path, name: str) -> dict:
+        return json.loads((run / f"evaluators/{name}/result.json").read_text())["data"]
+
+    assert data(one, "knn") == data(tmp_path / "many", "knn")
+    pa, pb = (data(r, "linear_probe")["results"] for r in (one, tmp_path / "many"))
+    for model, inputs in pa.items():
+        for label, depths in inputs.items():
+            accs = [[r["eval_accuracy"] for r in d[label]["0"]["runs"]] for d in (pa[model],
+                                                                                    pb[model])]
+            assert accs[0] == accs[1]
+    assert json.loads((tmp_path / "many/provenance.json").read_text())["world_size"] == 2

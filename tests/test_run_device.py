@@ -142,3 +142,48 @@ def test_metric_sink_on_cuda_equals_the_cpu() -> None:
         sink.update_features({"a": {k: v[lo:lo + 50].cuda() for k, v in feats.items()}})
     expected = repsim.similarity(feats, feats, batch_size=32).values
     torch.testing.assert_close(sink.compute()[("a", "a")].values, expected, rtol=0, atol=1e-6)
+
+
+EVALUATORS_ON = """
+[[evaluators]]
+name = "knn"
+params = {{ k = 5, device = "{device}" }}
+
+[[evaluators]]
+name = "linear_probe"
+[evaluators.params]
+layers = "last"
+base_lrs = [0.1, 0.01]
+weight_decays = [0.0]
+epochs = [4]
+warmup_epochs = [1]
+batch_size = 8
+top = 1
+device = "{device}"
+"""
+
+
+@pytest.mark.cuda
+def test_knn_and_probes_on_cuda_agree_with_the_cpu(write_recipe, tmp_path: Path) -> None:
+    """The evaluators' own device: the same features (cached by one CPU pass) searched and
+    probed on the GPU give the CPU's neighbours' accuracies and probes within float rounding."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        path = write_recipe(run="train_examples = 20", extra=EVALUATORS_ON.format(device=device),
+                            name=f"{device}.toml")
+        runs[device] = execute(path, tmp_path / device, device="cpu")
+
+    def data(run: Path, name: str) -> dict:
+        return json.loads((run / f"evaluators/{name}/result.json").read_text())["data"]
+
+    knn_cpu, knn_gpu = (data(runs[d], "knn")["accuracy"] for d in ("cpu", "cuda"))
+    flat = [(a, b) for m in knn_cpu for r in knn_cpu[m] for a, b in
+            zip(knn_cpu[m][r].values(), knn_gpu[m][r].values(), strict=True)]
+    assert flat and all(abs(a - b) <= 1 / 40 for a, b in flat)  # at most a near-tie flips
+    pa, pb = (data(runs[d], "linear_probe")["results"] for d in ("cpu", "cuda"))
+    for model, inputs in pa.items():
+        for label, depths in inputs.items():
+            a, b = depths["0"], pb[model][label]["0"]
+            for ra, rb in zip(a["runs"], b["runs"], strict=True):
+                assert abs(ra["eval_accuracy"] - rb["eval_accuracy"]) <= 1 / 40
+                assert ra["selection_loss"] == pytest.approx(rb["selection_loss"], rel=1e-3)
