@@ -16,6 +16,15 @@ class RecipeError(RepsimError):
     """A recipe file is malformed or names something invalid."""
 
 
+class MissingFileError(RecipeError):
+    """A file or folder a part needs is absent: ``path`` names it, so a preflight can list it
+    with the others instead of stopping at it."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class UnknownPartError(RepsimError, KeyError):
     """A name that no registry holds."""
 

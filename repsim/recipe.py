@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from repsim.errors import RecipeError, RepsimError
+from repsim.errors import MissingFileError, RecipeError, RepsimError
 
 Reduction = Literal["cls", "gap", "gap_no_cls", "flatten"]
 
@@ -277,17 +277,6 @@ class MissingFile:
                                                                else "")
 
 
-def _strings(value: Any) -> list[str]:
-    """Every string in a parameter value (nested lists and tables included)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
 def path_params(value: Any, where: str) -> Iterator[tuple[str, Path]]:
     """Parameters typed as paths in validated parameters, with where they are
     (``models.x.params.checkpoint``, ``...files[0]``)."""
@@ -338,7 +327,7 @@ class CheckedRecipe:
             try:
                 validated = part.validate(params, where=where)
             except RecipeError as exc:
-                if not self._absent_file(params, exc, where):
+                if not self._absent_file(exc, where):
                     problems.append(str(exc))
                 return None
             source = part.info.get("source")  # where the authors publish the file
@@ -394,14 +383,14 @@ class CheckedRecipe:
             raise RecipeError(f"{path}: {len(problems)} problem(s):\n" +
                               "\n".join(f"- {p}" for p in problems))
 
-    def _absent_file(self, params: dict[str, Any], exc: Exception, where: str) -> bool:
-        """Whether ``exc`` is a part refusing a file of ``params`` that does not exist (a
-        fine-tuning run folder): then it is listed in ``missing`` with the part's message."""
-        absent = [v for v in _strings(params) if v in str(exc) and not Path(v).exists()]
-        if absent:
-            text = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
-            self.missing.append(MissingFile(where + ".params", absent[0], text))
-        return bool(absent)
+    def _absent_file(self, exc: Exception, where: str) -> bool:
+        """Whether ``exc`` is a part saying a file it needs is absent (a fine-tuning run
+        folder): then it is listed in ``missing`` with the part's message."""
+        if not isinstance(exc, MissingFileError):
+            return False
+        text = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
+        self.missing.append(MissingFile(where + ".params", exc.path, text))
+        return True
 
     def select_layers(self, label: str, loaded: Any) -> tuple[dict[str, list[str]], dict[str, str]]:
         """Model ``label``'s layer groups selected on ``loaded`` (groups left empty by an
@@ -438,8 +427,7 @@ class CheckedRecipe:
             try:
                 skeleton = part.skeleton(params)
             except RepsimError as exc:
-                if not self._absent_file(self.recipe.models[label].params, exc,
-                                         f"models.{label}"):
+                if not self._absent_file(exc, f"models.{label}"):
                     problems.append(f"models.{label}: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. a user's network that reads its data

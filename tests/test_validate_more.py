@@ -23,6 +23,16 @@ def test_unknown_timm_architecture(runner, write_recipe) -> None:
                       "'vit_tiny_patch16_224'")
 
 
+def test_a_mistyped_architecture_is_a_problem_not_a_missing_file(runner, write_recipe) -> None:
+    # The preflight lists absent files apart; a part's error that merely quotes a parameter
+    # (the unknown name) is not one of them.
+    text = write_recipe().read_text().replace('arch = "vit_tiny_patch16_224", seed = 1',
+                                              'arch = "vit_tiny_patch16_22", seed = 1')
+    res = runner.invoke(cli, ["validate", str(write_recipe(text))])
+    assert res.exit_code == 2 and "1 problem(s)" in res.output, res.output
+    assert "missing" not in res.output
+
+
 def test_timm_kwargs_the_architecture_does_not_take(runner, write_recipe) -> None:
     text = write_recipe().read_text().replace("depth = 3,", "depht = 3,", 1)
     assert_user_error(runner.invoke(cli, ["validate", str(write_recipe(text))]),

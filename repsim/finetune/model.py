@@ -65,10 +65,13 @@ def read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A run directory's resolved configuration and provenance."""
     resolved, prov = run / "resolved.json", run / "provenance.json"
     if not resolved.is_file() or not prov.is_file():
+        from repsim.errors import MissingFileError
+
         what = "does not exist" if not run.exists() else "holds no fine-tuning run"
-        raise RecipeError(f"fine-tuning run '{run}' {what} (resolved.json, provenance.json). "
-                          "Fine-tune first: `repsim finetune RECIPE`, a fine-tuning recipe with "
-                          f"finetune.output = '{run}' (recipes/paper/finetune_*.toml).")
+        raise MissingFileError(
+            f"fine-tuning run '{run}' {what} (resolved.json, provenance.json). Fine-tune first: "
+            "`repsim finetune RECIPE`, a fine-tuning recipe with finetune.output = "
+            f"'{run}' (recipes/paper/finetune_*.toml).", str(run))
     return json.loads(resolved.read_text()), json.loads(prov.read_text())
 
 
