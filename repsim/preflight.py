@@ -189,11 +189,8 @@ def _run_splits(checked: CheckedRecipe) -> list[str]:
     """The dataset splits the run reads: its own, and the train splits of evaluators that read
     cached features of another split (k-NN memory bank, probes)."""
     splits = [checked.recipe.data.split]
-    for resolved in checked.evaluators.values():
-        if resolved is None or hasattr(resolved[1], "data"):
-            continue
-        split = getattr(resolved[1], "train_split", None)
-        if isinstance(split, str) and split not in splits:
+    for key, resolved in checked.evaluators.items():
+        if _reads_train(checked, key) and (split := resolved[1].train_split) not in splits:
             splits.append(split)
     return splits
 
@@ -445,6 +442,8 @@ def _evaluator_flops(name: str, p: Any, fig: Recipe, checked: CheckedRecipe,
         reductions = len(getattr(p, "reductions", [None]))
         return sum(2 * val * train * d * reductions
                    for m in models for d in _layer_dims(checked, costs, m, p.group, "all")), ""
+    if name == "prediction_agreement" and p.scores != "linear_probe":
+        return 0.0, ""  # the models' own outputs: nothing trained
     if name in ("linear_probe", "mlp_probe", "prediction_agreement"):
         grid = p if name != "prediction_agreement" else _probe_grid(p)
         runs = (len(grid.base_lrs) * len(grid.weight_decays) * len(grid.warmup_epochs) *

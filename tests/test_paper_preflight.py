@@ -95,6 +95,36 @@ def test_files_inside_dataset_folders_are_checked(tmp_path: Path) -> None:
     assert str(tmp_path / "coco/val2017") not in paths
 
 
+def test_agreement_of_the_models_outputs_reads_no_train_split(tmp_path: Path) -> None:
+    """prediction_agreement on the models' own outputs (its default) neither needs the train
+    folder nor counts probe training in the estimate."""
+    (tmp_path / "in1k/val/n01440764").mkdir(parents=True)
+    recipe = tmp_path / "agree.toml"
+    recipe.write_text(f"""
+[run]
+output = "{tmp_path / 'run'}"
+[data]
+dataset = "imagefolder"
+split = "val"
+params = {{ root = "{tmp_path / 'in1k'}" }}
+[models.a]
+model = "timm"
+params = {{ arch = "vit_tiny_patch16_224" }}
+[models.b]
+model = "timm"
+params = {{ arch = "vit_tiny_patch16_224", seed = 1 }}
+[layers]
+blocks = {{ selector = "blocks" }}
+[[metrics]]
+name = "minibatch_cka"
+[[evaluators]]
+name = "prediction_agreement"
+""")
+    pf = preflight(recipe, estimate="always")
+    assert str(tmp_path / "in1k/train") not in {m.path for m in pf.missing}
+    assert "prediction_agreement" not in pf.estimate_text()
+
+
 def test_flops_are_counted_on_the_meta_device() -> None:
     """ViT-B/16 at 224: 17.6 GMACs (timm's and the papers' figure), ResNet-50 4.1 GMACs."""
     checked = check_recipe(RECIPES / "paper/fig11.toml", missing_ok=True)
