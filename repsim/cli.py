@@ -200,13 +200,18 @@ def _preflight_or_exit(recipe: str, overrides: dict[str, Any]) -> Any:
     from repsim.preflight import preflight
 
     pf = preflight(recipe, overrides, estimate="if_missing")
+    _refuse_missing(pf, ": nothing was loaded or run. Put them in place (or point the locations "
+                    f"elsewhere, above) and rerun; `repsim run {recipe} --stand-ins` rehearses "
+                    "the recipe without them.")
+    return pf.checked
+
+
+def _refuse_missing(pf: Any, tail: str) -> None:
+    """With files missing: the list (stderr), the compute estimate (stdout), and the error."""
     if pf.missing:
         click.echo(pf.missing_text(), err=True)
         click.echo(pf.estimate_text())
-        raise RepsimError(f"{len(pf.missing)} file(s) missing: nothing was loaded or run. Put "
-                          "them in place (or point the locations elsewhere, above) and rerun; "
-                          f"`repsim run {recipe} --stand-ins` rehearses the recipe without them.")
-    return pf.checked
+        raise RepsimError(f"{len(pf.missing)} file(s) missing{tail}")
 
 
 def _without_option(args: list[str], option: str) -> list[str]:
@@ -243,10 +248,7 @@ def validate(recipe: str) -> None:
     r = checked.recipe
     for note in checked.notes:
         click.echo(f"Note: {note}", err=True)
-    if pf.missing:
-        click.echo(pf.missing_text(), err=True)
-        click.echo(pf.estimate_text())
-        raise RepsimError(f"{len(pf.missing)} file(s) missing; everything else is valid.")
+    _refuse_missing(pf, "; everything else is valid.")
     check_run_dir(r.run.output, "run.output")
     click.echo(f"{checked.path}: valid. {len(r.models)} models, {len(r.layers)} layer groups, "
                f"{len(r.metrics)} metrics, {len(r.evaluators)} evaluators, "

@@ -30,6 +30,7 @@ from repsim.recipe import (
     check_recipe,
     load_recipe,
     path_params,
+    read_toml,
 )
 
 # Training a network costs about three forwards (forward, then backward through activations and
@@ -238,11 +239,7 @@ def _unreadable(checked: CheckedRecipe) -> list[MissingFile]:
 def figure_recipes(path: Path, recipe: Recipe) -> list[tuple[str, Recipe]]:
     """The figures of a recipe: the recipes it includes that run on their own (models and
     something to compute), else the recipe itself."""
-    import tomllib
-
-    from repsim.paths import substitute
-
-    raw = substitute(tomllib.loads(path.read_text(encoding="utf-8")), path)
+    raw = read_toml(path.read_text(encoding="utf-8"), path)
     out = []
     for name in raw.get("include", []) if isinstance(raw.get("include"), list) else []:
         child = path.parent / name

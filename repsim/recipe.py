@@ -159,7 +159,7 @@ def _validation_error(path: Path, exc: ValidationError) -> RecipeError:
 
 def parse_recipe(text: str, path: Path = Path("<recipe>")) -> Recipe:
     """Validate a recipe's text; ``include`` entries are read relative to ``path``'s folder."""
-    raw = _with_includes(_read_toml(text, path), path, (path.resolve(),))
+    raw = _with_includes(read_toml(text, path), path, (path.resolve(),))
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -172,7 +172,7 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(path.read_text(encoding="utf-8"), path)
 
 
-def _read_toml(text: str, path: Path) -> dict[str, Any]:
+def read_toml(text: str, path: Path) -> dict[str, Any]:
     """A recipe file's TOML with its ``${NAME}`` locations filled in (:mod:`repsim.paths`);
     each file on its own, so an unset variable's error names the file that uses it."""
     from repsim.paths import substitute
@@ -209,7 +209,7 @@ def _with_includes(raw: dict[str, Any], path: Path, chain: tuple[Path, ...]) -> 
         if not child.is_file():
             raise RecipeError(f"{path}: included recipe '{name}' does not exist (looked for "
                               f"{child}). Paths in `include` are relative to the including file.")
-        sub = _with_includes(_read_toml(child.read_text(encoding="utf-8"), child), child,
+        sub = _with_includes(read_toml(child.read_text(encoding="utf-8"), child), child,
                              (*chain, child))
         _merge(merged, sub, child, origin)
     _merge(merged, raw, path, origin, own=True)

@@ -190,29 +190,23 @@ class AgreementEvaluator(Evaluator):
         the split's order. In a distributed run every rank trains the probes over its share of
         the features (``sync_group``: the ranks' second group, for BatchNorm) and scores its
         share of the eval split; rank 0 gets the scores of every example, the others None."""
-        from repsim.evaluators.probes import ProbeShard, probe_grid, probe_logits
+        from repsim.evaluators.probes import probe_grid, probe_logits, probe_shard
 
         p = self.params
-        try:
-            try:
-                layers = (expand_layer(ctx, model, p.layer, self.name) if p.layer
-                          else ctx.layers(model))
-            except RecipeError as exc:  # a model without the layer: skip its pairs, not the run
-                raise KeyError(str(exc)) from None
+        try:  # a model without the layer or its features: skip its pairs, not the run
+            layers = expand_layer(ctx, model, p.layer, self.name) if p.layer else ctx.layers(model)
             layer = layers[-1]
             train_y, eval_y = ctx.labels(p.train_split), ctx.labels(p.split)
             tr = ctx.local_features(model, layer, p.train_split, p.reduction)
             ev = ctx.local_features(model, layer, p.split, p.reduction)
             missing = None
-        except MISSING as exc:
+        except (RecipeError, *MISSING) as exc:
             missing = str(exc)
         # Every rank skips the model or none does, so that the probes' collectives stay in step.
         missing = first_of_ranks(missing, ctx.group)
         if missing is not None:
             raise FeatureError(missing)
-        shard = None
-        if ctx.group is not None:  # this rank's rows; the held-out part drawn from all labels
-            shard = ProbeShard(ctx.local_index(p.train_split), train_y, ctx.group, sync_group)
+        shard = probe_shard(ctx, p.train_split, train_y, sync_group)
         grid = {k: tuple(v) if isinstance(v, list) else v for k, v in p.probe.items()}
         res = probe_grid(tr, ctx.local_labels(p.train_split), ev, ctx.local_labels(p.split),
                          top=1, split_seed=ctx.seed, keep_best=True, shard=shard,

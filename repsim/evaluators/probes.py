@@ -74,6 +74,20 @@ class ProbeShard:
     sync_group: Any = None
 
 
+def probe_shard(ctx: EvalContext, split: str, train_labels: torch.Tensor,
+                sync_group: Any = None) -> ProbeShard | None:
+    """This rank's rows of a probe's train ``split`` in a distributed run, None in one process
+    (the held-out part is drawn from all ``train_labels``). ``sync_group``: BatchNorm's group of
+    the same ranks, a new one if not given (groups end with the run's process group)."""
+    if ctx.group is None:
+        return None
+    if sync_group is None:
+        import torch.distributed as dist
+
+        sync_group = dist.new_group(backend="gloo")
+    return ProbeShard(ctx.local_index(split), train_labels, ctx.group, sync_group)
+
+
 def build_probe(in_dim: int, num_classes: int, depth: int = 0, hidden: int | None = None
                 ) -> nn.Sequential:
     """BatchNorm1d(affine=False) → ``depth`` × (Linear → BatchNorm1d → ReLU) → Linear."""
@@ -397,12 +411,7 @@ class ProbeEvaluator(Evaluator):
         p = self.params
         train_y, eval_y = ctx.labels(p.train_split), ctx.labels(p.eval_split)
         n_cls = int(max(int(train_y.max()), int(eval_y.max()))) + 1
-        shard = None
-        if ctx.group is not None:  # this rank's rows; the held-out part drawn from all labels
-            import torch.distributed as dist
-
-            shard = ProbeShard(ctx.local_index(p.train_split), train_y, ctx.group,
-                               dist.new_group(backend="gloo"))
+        shard = probe_shard(ctx, p.train_split, train_y)
         local_train_y, local_eval_y = (ctx.local_labels(s) for s in (p.train_split,
                                                                        p.eval_split))
         rows: list[list[Any]] = []
