@@ -132,6 +132,17 @@ def wait(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int,
     return out
 
 
+def evaluator_data(run: Path, name: str) -> dict:
+    return json.loads((run / f"evaluators/{name}/result.json").read_text())["data"]
+
+
+def linear_probe_pairs(one: Path, many: Path) -> list[tuple[dict, dict]]:
+    """The linear probe's results (depth 0) of every model and input in two runs, paired."""
+    pa, pb = (evaluator_data(r, "linear_probe")["results"] for r in (one, many))
+    return [(depths["0"], pb[model][label]["0"])
+            for model, inputs in pa.items() for label, depths in inputs.items()]
+
+
 def similarity(run: Path) -> dict[str, dict]:
     return {str(f.relative_to(run)): json.loads(f.read_text())
             for f in sorted((run / "similarity").rglob("*.json"))}
@@ -187,26 +198,20 @@ def test_ranks_write_the_numbers_of_one_process(recipe: Path, tmp_path: Path, si
             rel = ((x - y).abs() / x.abs().clamp_min(1e-300)).nan_to_num(0)
             worst = max(worst, float(rel.max()))
     assert worst < 1e-12, worst
-    def data(run: Path, name: str) -> dict:
-        return json.loads((run / f"evaluators/{name}/result.json").read_text())["data"]
-
     # k-NN reads the feature cache every rank wrote: in global order, the same numbers
-    assert data(one, "knn") == data(tmp_path / "many", "knn")
+    assert evaluator_data(one, "knn") == evaluator_data(tmp_path / "many", "knn")
     # probes trained under DDP: the same accuracies, losses to float32 rounding
-    pa, pb = (data(r, "linear_probe")["results"] for r in (one, tmp_path / "many"))
-    for model, inputs in pa.items():
-        for label, depths in inputs.items():
-            a, b = depths["0"], pb[model][label]["0"]
-            assert (a["mean"], a["std"], a["best"]) == (b["mean"], b["std"], b["best"])
-            for ra, rb in zip(a["runs"], b["runs"], strict=True):
-                assert ra["eval_accuracy"] == rb["eval_accuracy"]
-                assert ra["selection_loss"] == pytest.approx(rb["selection_loss"], rel=1e-5)
+    for a, b in linear_probe_pairs(one, tmp_path / "many"):
+        assert (a["mean"], a["std"], a["best"]) == (b["mean"], b["std"], b["best"])
+        for ra, rb in zip(a["runs"], b["runs"], strict=True):
+            assert ra["eval_accuracy"] == rb["eval_accuracy"]
+            assert ra["selection_loss"] == pytest.approx(rb["selection_loss"], rel=1e-5)
     # agreement of the probes' scores: each process trains its share of the DDP probes and
     # scores its share of the eval split, rank 0 puts the scores in the split's order. The same
     # runs are chosen and their scores differ by float32 rounding only, so every class ranking
     # and top-1, hence every tau and F1, is equal; the models' own outputs: rank 0 alone
     for name in ("agreement_probe", "prediction_agreement"):
-        da, db = (data(r, name) for r in (one, tmp_path / "many"))
+        da, db = (evaluator_data(r, name) for r in (one, tmp_path / "many"))
         assert da == db and da["a vs b"]["n"]["all"] == examples
         ta, tb = ((r / f"evaluators/{name}/tensors.safetensors").read_bytes()
                   for r in (one, tmp_path / "many"))
@@ -219,7 +224,7 @@ def test_ranks_write_the_numbers_of_one_process(recipe: Path, tmp_path: Path, si
         assert ra["selection_loss"] == pytest.approx(rb["selection_loss"], rel=1e-5)
         assert {**ra, "selection_loss": 0} == {**rb, "selection_loss": 0}
     # attention statistics are sums merged across ranks: equal up to the order of the sums
-    da, db = (data(r, "attention_distance") for r in (one, tmp_path / "many"))
+    da, db = (evaluator_data(r, "attention_distance") for r in (one, tmp_path / "many"))
     for model in da["distance"]:
         torch.testing.assert_close(torch.tensor(db["distance"][model]),
                                    torch.tensor(da["distance"][model]), rtol=1e-6, atol=0)
@@ -495,14 +500,7 @@ def test_two_gpus_write_the_numbers_of_one(recipe: Path, tmp_path: Path) -> None
         x, y = (torch.tensor(r[key]["values"], dtype=torch.float64) for r in (a, b))
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-9, equal_nan=True)
 
-    def data(run: Path, name: str) -> dict:
-        return json.loads((run / f"evaluators/{name}/result.json").read_text())["data"]
-
-    assert data(one, "knn") == data(tmp_path / "many", "knn")
-    pa, pb = (data(r, "linear_probe")["results"] for r in (one, tmp_path / "many"))
-    for model, inputs in pa.items():
-        for label, depths in inputs.items():
-            accs = [[r["eval_accuracy"] for r in d[label]["0"]["runs"]] for d in (pa[model],
-                                                                                    pb[model])]
-            assert accs[0] == accs[1]
+    assert evaluator_data(one, "knn") == evaluator_data(tmp_path / "many", "knn")
+    for a, b in linear_probe_pairs(one, tmp_path / "many"):
+        assert [r["eval_accuracy"] for r in a["runs"]] == [r["eval_accuracy"] for r in b["runs"]]
     assert json.loads((tmp_path / "many/provenance.json").read_text())["world_size"] == 2

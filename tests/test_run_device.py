@@ -151,15 +151,8 @@ params = {{ k = 5, device = "{device}" }}
 
 [[evaluators]]
 name = "linear_probe"
-[evaluators.params]
-layers = "last"
-base_lrs = [0.1, 0.01]
-weight_decays = [0.0]
-epochs = [4]
-warmup_epochs = [1]
-batch_size = 8
-top = 1
-device = "{device}"
+params = {{ layers = "last", base_lrs = [0.1, 0.01], weight_decays = [0.0], epochs = [4], \
+warmup_epochs = [1], batch_size = 8, top = 1, device = "{device}" }}
 """
 
 
